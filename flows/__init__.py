@@ -1,0 +1,1 @@
+"""Prefect flows. Wiring only: every stage runs through DVC (``flows.dvc_stage``)."""

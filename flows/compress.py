@@ -1,0 +1,63 @@
+"""The compress flow: one Prefect task per stage, in chain order.
+
+Each task asks DVC to reproduce exactly its stage; DVC's cache is the only cache
+(no Prefect result caching), so a stage whose inputs did not change is skipped
+whichever front door ran it, and both leave the same dvc.lock.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel
+
+from flows.dvc_stage import reproduce
+from shrinkflow.config import PARAMS_FILE, apply_to_params_file
+from shrinkflow.paths import STAGES, StagePaths
+from shrinkflow.stages import read_manifest
+from tasks.evaluate import render_table
+
+
+class StageResult(BaseModel):
+    stage: str
+    ran: bool
+    manifest: dict
+
+
+@task(cache_policy=NO_CACHE, task_run_name="{name}", retries=0)
+def stage(name: str, root: str) -> StageResult:
+    """Reproduce stage ``name`` through DVC and return its manifest."""
+    ran = reproduce(Path(root), name)
+    get_run_logger().info("%s: %s", name, "ran" if ran else "cached (inputs unchanged)")
+    return StageResult(stage=name, ran=ran, manifest=read_manifest(name, Path(root)).model_dump(mode="json"))
+
+
+@flow(name="compress")
+def compress(root: str = ".", params_file: str | None = None, overrides: list[str] | None = None) -> list[StageResult]:
+    """Run the whole chain in the project at ``root``.
+
+    Args:
+        root: the project (a git + DVC repository with dvc.yaml and params.yaml).
+        params_file: copy this params file into ``root/params.yaml`` first.
+        overrides: ``key=value`` edits written into ``root/params.yaml`` first,
+            as ``dvc exp run -S`` does, so dvc.lock records what ran.
+
+    Invalid params fail the run before any stage starts, leaving params.yaml as it was.
+    """
+    rootp = Path(root).resolve()
+    apply_to_params_file(rootp / PARAMS_FILE, Path(params_file) if params_file else None, overrides or [])
+    results = [stage(name, str(rootp)) for name in STAGES]
+    metrics = json.loads(StagePaths(rootp).metrics.read_text())
+    evaluation = results[-1].manifest
+    verdict = "passed" if evaluation["passed"] else "FAILED: " + ", ".join(g["name"] for g in evaluation["gates"] if not g["passed"])
+    create_markdown_artifact(
+        key="compress-metrics",
+        markdown=render_table(metrics) + f"\n\nGates: {verdict}\n",
+        description="Variants side by side (reports/metrics.json)",
+    )
+    return results
+

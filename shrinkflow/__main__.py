@@ -1,0 +1,3 @@
+from shrinkflow.cli import main
+
+main()

@@ -1,0 +1,65 @@
+"""Measurements of a variant: parameters, size on disk, CPU latency.
+
+Latency follows BENCH-PROTOCOL: fixed thread count, warm-up, variants interleaved,
+median of repeated ``torch.utils.benchmark`` measurements.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils import benchmark
+
+from schemas.outputs import ModelFile
+from shrinkflow.artifacts import ModelHeader, to_float
+from shrinkflow.models import count_params
+
+
+def model_file(path: Path, model: nn.Module, header: ModelHeader, root: Path) -> ModelFile:
+    """Describe a saved variant: its file size and parameter counts.
+
+    Quantized modules hide their weights from ``parameters()``, so counts come from
+    the float model with the same (dequantized) weights.
+    """
+    total, nonzero = count_params(to_float(model, header))
+    return ModelFile(
+        path=Path(path).resolve().relative_to(Path(root).resolve()).as_posix(),
+        size_bytes=os.path.getsize(path),
+        params=total,
+        nonzero_params=nonzero,
+        format=" + ".join([t["kind"] for t in header.transforms] or ["fp32"]) + f" / {header.storage}",
+    )
+
+
+def batch_of(X: torch.Tensor, n: int) -> torch.Tensor:
+    """The first ``n`` real inputs, repeated if the split is smaller."""
+    reps = -(-n // len(X))
+    return X.repeat(reps, *([1] * (X.dim() - 1)))[:n].contiguous()
+
+
+def latencies_ms(
+    models: Mapping[str, nn.Module], X: torch.Tensor, batch_sizes: list[int], *, threads: int, min_run_time: float, rounds: int = 3
+) -> dict[str, dict[int, float]]:
+    """Median latency in ms of each model at each batch size, variants interleaved."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        samples: dict[str, dict[int, list[float]]] = {name: {b: [] for b in batch_sizes} for name in models}
+        inputs = {b: batch_of(X, b) for b in batch_sizes}
+        with torch.inference_mode():
+            for name, m in models.items():  # warm-up
+                for b in batch_sizes:
+                    m(inputs[b])
+            for _ in range(rounds):
+                for b in batch_sizes:
+                    for name, m in models.items():
+                        t = benchmark.Timer(stmt="m(x)", globals={"m": m, "x": inputs[b]}, num_threads=threads)
+                        samples[name][b].append(t.blocked_autorange(min_run_time=min_run_time / rounds).median * 1e3)
+        return {name: {b: statistics.median(v) for b, v in per.items()} for name, per in samples.items()}
+    finally:
+        torch.set_num_threads(previous)

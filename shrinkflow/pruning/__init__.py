@@ -1,0 +1,58 @@
+"""Pruning methods: one handler per ``prune.method``.
+
+A handler takes a float model and the params section and returns the pruned model
+(same architecture for unstructured methods, with masks to keep during fine-tuning).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from shrinkflow.pruning.magnitude import magnitude_prune
+
+#: name → handler(model, params) -> {param name: mask}
+PRUNERS: dict[str, Callable[[nn.Module, Any], dict[str, torch.Tensor]]] = {
+    "magnitude": magnitude_prune,
+}
+
+
+def prunable(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The weights pruning may zero: weight matrices/kernels of Linear and Conv layers."""
+    return {
+        f"{name}.weight" if name else "weight": mod.weight
+        for name, mod in model.named_modules()
+        if isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))
+    }
+
+
+def masks_from_zeros(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Masks that keep today's zeros at zero (for training that continues a pruned model)."""
+    return {k: (w != 0) for k, w in prunable(model).items()}
+
+
+def keep_masked(masks: dict[str, torch.Tensor]) -> Callable[[nn.Module], None]:
+    """An ``after_step`` hook that re-zeroes pruned weights after each optimizer step."""
+
+    def hook(model: nn.Module) -> None:
+        weights = prunable(model)
+        with torch.no_grad():
+            for k, m in masks.items():
+                weights[k].mul_(m.to(weights[k].device))
+
+    return hook
+
+
+def sparsity(model: nn.Module) -> tuple[float, dict[str, float]]:
+    """Measured share of zeros among prunable weights: (global, per layer)."""
+    weights = prunable(model)
+    per = {k: float((w == 0).float().mean()) for k, w in weights.items()}
+    n = sum(w.numel() for w in weights.values())
+    zeros = sum(int((w == 0).sum()) for w in weights.values())
+    return (zeros / n if n else 0.0), per
+
+
+__all__ = ["PRUNERS", "prunable", "masks_from_zeros", "keep_masked", "sparsity"]

@@ -1,0 +1,89 @@
+"""params.yaml validation: defaults, overrides, and a corpus of bad files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from schemas.params import MagnitudePrune, Params
+from shrinkflow.cli import app
+from shrinkflow.config import apply_to_params_file, load_params, parse_override
+from shrinkflow.errors import ParamsError
+
+from conftest import REPO
+
+BAD = sorted((Path(__file__).parent / "bad_params").glob("*.yaml"))
+runner = CliRunner()
+
+
+def expected(path: Path) -> str:
+    first = path.read_text().splitlines()[:1]
+    return first[0].removeprefix("# expect: ") if first else "is empty"
+
+
+def test_shipped_params_files_are_valid():
+    for f in [REPO / "params.yaml", *sorted((REPO / "examples").glob("*/params.yaml"))]:
+        if "mnist" in f.parent.name:
+            continue  # needs data.path to exist; checked below with a fake folder
+        load_params(f, root=REPO)
+
+
+def test_mnist_example_valid_with_data_path(tmp_path):
+    (tmp_path / "mnist").mkdir()
+    p = load_params(REPO / "examples/mnist-lenet300/params.yaml", [f"data.path={tmp_path / 'mnist'}"], root=REPO)
+    assert p.data.source == "mnist" and p.train_teacher.model.hidden == [300, 100]
+
+
+@pytest.mark.parametrize("bad", BAD, ids=[p.stem for p in BAD])
+def test_bad_params_exit_2_naming_the_key(bad, tmp_path):
+    result = runner.invoke(app, ["validate", str(bad)])
+    assert result.exit_code == 2, result.output
+    assert expected(bad) in result.output
+
+
+def test_override_parsing_and_validation():
+    keys, value = parse_override("prune.sparsity=0.9")
+    assert keys == ["prune", "sparsity"] and value == 0.9
+    assert parse_override("evaluate.batch_sizes=[1, 8]")[1] == [1, 8]
+    with pytest.raises(ParamsError, match="KEY=VALUE"):
+        parse_override("prune.sparsity")
+    with pytest.raises(ParamsError, match="prune.sparsity"):
+        load_params(REPO / "params.yaml", ["prune.sparsity=2"], root=REPO)
+
+
+def test_defaults_and_method_registry():
+    p = Params()
+    assert isinstance(p.prune, MagnitudePrune) and p.prune.scope == "global"
+    with pytest.raises(Exception):
+        p.prune.sparsity = 0.1  # frozen
+
+
+def test_apply_keeps_file_on_error_and_comments_on_success(tmp_path):
+    target = tmp_path / "params.yaml"
+    original = "# my comment\nprune:\n  sparsity: 0.5 # keep me\n"
+    target.write_text(original)
+    with pytest.raises(ParamsError):
+        apply_to_params_file(target, overrides=["prune.sparsity=7"])
+    assert target.read_text() == original
+    apply_to_params_file(target, overrides=["prune.sparsity=0.9", "seed=3"])
+    text = target.read_text()
+    assert "# my comment" in text and "# keep me" in text
+    assert load_params(target, root=tmp_path).prune.sparsity == 0.9
+
+
+def test_schema_command_documents_every_field():
+    result = runner.invoke(app, ["schema"])
+    assert result.exit_code == 0
+    schema = json.loads(result.output)
+
+    def walk(node, path):
+        for name, prop in node.get("properties", {}).items():
+            if "$ref" not in prop and "discriminator" not in prop and "anyOf" not in prop and "oneOf" not in prop:
+                assert prop.get("description"), f"{path}.{name} has no description"
+
+    walk(schema, "")
+    for name, d in schema["$defs"].items():
+        walk(d, name)
