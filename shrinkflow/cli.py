@@ -93,8 +93,8 @@ def run(
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     from flows.compress import compress
-    from tasks.evaluate import render_table
     from shrinkflow.paths import StagePaths
+    from tasks.evaluate import render_table
 
     try:
         results = compress(root=str(root.resolve()), params_file=str(params) if params else None, overrides=set_ or [])

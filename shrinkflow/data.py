@@ -16,7 +16,13 @@ from typing import Literal
 import numpy as np
 import torch
 
-from schemas.params import DataParams, DigitsData, MnistData, NpzData, SyntheticRegressionData
+from schemas.params import (
+    DataParams,
+    DigitsData,
+    MnistData,
+    NpzData,
+    SyntheticRegressionData,
+)
 from shrinkflow.errors import InputError
 from shrinkflow.io import atomic_path
 

@@ -6,14 +6,13 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 from typer.testing import CliRunner
 
 from schemas.params import MagnitudePrune, Params
 from shrinkflow.cli import app
 from shrinkflow.config import apply_to_params_file, load_params, parse_override
 from shrinkflow.errors import ParamsError
-
-from conftest import REPO
 
 BAD = sorted((Path(__file__).parent / "bad_params").glob("*.yaml"))
 runner = CliRunner()
