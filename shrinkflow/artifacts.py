@@ -71,11 +71,15 @@ class Transform:
         changed model (for training that must continue from it), built on
         ``header.build(upto=index)``.
     reapply: make the change again on a trained float model (default: rebuild).
+    constrain: given the float model from ``to_float`` and the entry, return an
+        ``after_step`` hook that keeps training inside the change (e.g. weights tied
+        to a codebook), so ``reapply`` after training loses nothing.
     """
 
     rebuild: Callable[[nn.Module, dict[str, Any], ModelHeader], nn.Module]
     to_float: Callable[[nn.Module, nn.Module], nn.Module] | None = None
     reapply: Callable[[nn.Module, dict[str, Any], ModelHeader], nn.Module] | None = None
+    constrain: Callable[[nn.Module, dict[str, Any]], Callable[[nn.Module], None]] | None = None
 
 
 @dataclass(frozen=True)
@@ -190,3 +194,26 @@ def from_float(model: nn.Module, header: ModelHeader) -> nn.Module:
         t = transform(entry["kind"])
         model = (t.reapply or t.rebuild)(model, entry, header)
     return model
+
+
+def keep_constraints(float_model: nn.Module, header: ModelHeader) -> Callable[[nn.Module], None] | None:
+    """An ``after_step`` hook that keeps a variant's compression while it trains.
+
+    Pruned zeros stay zero (``header.masked``) and every transform with a
+    ``constrain`` keeps its constraint; None when there is nothing to keep.
+    """
+    from shrinkflow.pruning import keep_masked, masks_from_zeros
+
+    hooks = [keep_masked(masks_from_zeros(float_model))] if header.masked else []
+    for entry in header.transforms:
+        t = transform(entry["kind"])
+        if t.constrain is not None:
+            hooks.append(t.constrain(float_model, entry))
+    if not hooks:
+        return None
+
+    def hook(model: nn.Module) -> None:
+        for h in hooks:
+            h(model)
+
+    return hook

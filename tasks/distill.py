@@ -21,7 +21,6 @@ from shrinkflow.data import load_splits
 from shrinkflow.distillation import DISTILL_LOSSES, resolve_method
 from shrinkflow.errors import ParamsError
 from shrinkflow.measure import model_file
-from shrinkflow.pruning import keep_masked, masks_from_zeros
 from shrinkflow.training import fit, predict, resolve_device, seed_everything
 from tasks import Context
 from tasks._common import load_upstream, pass_through, val_metric
@@ -43,8 +42,7 @@ def run(params: DistillParams, ctx: Context) -> DistillOutput:
         if params.student == "compressed":
             compressed, header = load_upstream(STAGE, ctx)
             student = to_float(compressed, header)
-            if header.masked:
-                after_step = keep_masked(masks_from_zeros(student))
+            after_step = keep_constraints(student, header)
         else:
             header = ModelHeader(
                 spec=params.student.model_dump(mode="json", by_alias=True),
