@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -79,8 +79,8 @@ def metrics(root: Annotated[Path, typer.Option(help="Project root.")] = Path("."
 
 @app.command()
 def run(
-    params: Annotated[Optional[Path], typer.Option("--params", "-p", help="Copy this params file into params.yaml first.")] = None,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a key, e.g. --set prune.sparsity=0.9 (written into params.yaml).")] = None,
+    params: Annotated[Path | None, typer.Option("--params", "-p", help="Copy this params file into params.yaml first.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a key, e.g. --set prune.sparsity=0.9 (written into params.yaml).")] = None,
     root: Annotated[Path, typer.Option(help="Project root (git + DVC repo).")] = Path("."),
 ) -> None:
     """Run the pipeline as a Prefect flow (ephemeral server unless PREFECT_API_URL is set)."""

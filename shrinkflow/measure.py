@@ -52,7 +52,7 @@ def latencies_ms(
         samples: dict[str, dict[int, list[float]]] = {name: {b: [] for b in batch_sizes} for name in models}
         inputs = {b: batch_of(X, b) for b in batch_sizes}
         with torch.inference_mode():
-            for name, m in models.items():  # warm-up
+            for m in models.values():  # warm-up
                 for b in batch_sizes:
                     m(inputs[b])
             for _ in range(rounds):

@@ -24,7 +24,7 @@ class MLP(nn.Module):
         super().__init__()
         layers: list[nn.Module] = [nn.Flatten()]
         width = in_features
-        for i, h in enumerate(hidden):
+        for h in hidden:
             layers += [nn.Linear(width, h), nn.ReLU()]
             width = h
         layers.append(nn.Linear(width, out_features))

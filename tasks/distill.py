@@ -10,13 +10,7 @@ from __future__ import annotations
 
 from schemas.outputs import DistillOutput
 from schemas.params import DistillParams
-from shrinkflow.artifacts import (
-    ModelHeader,
-    from_float,
-    load_model,
-    save_model,
-    to_float,
-)
+from shrinkflow.artifacts import ModelHeader, from_float, keep_constraints, load_model, save_model, to_float
 from shrinkflow.data import load_splits
 from shrinkflow.distillation import DISTILL_LOSSES, resolve_method
 from shrinkflow.errors import ParamsError

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO
+from pydantic import ValidationError
 from typer.testing import CliRunner
 
 from schemas.params import MagnitudePrune, Params
@@ -56,7 +57,7 @@ def test_override_parsing_and_validation():
 def test_defaults_and_method_registry():
     p = Params()
     assert isinstance(p.prune, MagnitudePrune) and p.prune.scope == "global"
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         p.prune.sparsity = 0.1  # frozen
 
 
