@@ -4,22 +4,128 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, PositiveInt, model_validator
 
 from schemas.common import Finetune, Section, registry
+
+_PATTERNS = (
+    "Shell-style patterns (fnmatch, case-sensitive) on module names as model.named_modules() spells them, "
+    "e.g. 'net.5' or 'features.*'"
+)
+
+
+class PruneFinetune(Finetune):
+    distill_from_teacher: bool = Field(
+        False, description="Add the teacher's soft targets (models/train_teacher) to the fine-tuning loss (Hinton et al. 2015)."
+    )
+    temperature: float = Field(4.0, gt=0, description="Softmax temperature of the teacher's soft targets (with distill_from_teacher).")
+    alpha: float = Field(
+        0.7, ge=0, le=1, description="Weight of the soft-target loss; 1 - alpha weighs the labels (with distill_from_teacher)."
+    )
 
 
 class _PruneBase(Section):
     enabled: bool = Field(True, description="false passes the teacher through unchanged.")
     sparsity: float = Field(0.8, gt=0, lt=1, description="Fraction of prunable weights (Linear/Conv weights, not biases) set to zero.")
-    finetune: Finetune = Field(default_factory=Finetune, description="Fine-tuning after pruning; pruned weights stay exactly zero.")
+    layers: dict[str, float] = Field(
+        default_factory=dict,
+        description=f"Per-layer targets overriding `sparsity`: {{pattern: sparsity}}. {_PATTERNS}; the last matching pattern wins.",
+    )
+    skip: list[str] = Field(default_factory=list, description=f"Layers never pruned. {_PATTERNS}.")
+    schedule: Literal["one-shot", "iterative", "gradual"] = Field(
+        "one-shot",
+        description="one-shot: prune once, then fine-tune; iterative: `rounds` × (prune a share, fine-tune `finetune.epochs`); "
+        "gradual: Zhu & Gupta 2017 cubic ramp from `initial_sparsity` to `sparsity` during fine-tuning.",
+    )
+    rounds: PositiveInt = Field(
+        3, description="iterative: number of prune + fine-tune rounds; each removes the same share of the remaining weights."
+    )
+    initial_sparsity: float = Field(0.0, ge=0, lt=1, description="gradual: sparsity at the first fine-tuning step.")
+    ramp_fraction: float = Field(
+        0.75, gt=0, le=1, description="gradual: share of the fine-tuning steps over which sparsity ramps up; the rest recovers at the final sparsity."
+    )
+    prune_every: PositiveInt = Field(10, description="gradual: optimizer steps between two mask updates.")
+    sensitivity: bool = Field(
+        False, description="Also run a per-layer sensitivity analysis on the teacher (reports/sensitivity/: JSON, markdown, PNG)."
+    )
+    sensitivity_sparsities: list[float] = Field(
+        default_factory=lambda: [0.3, 0.5, 0.7, 0.8, 0.9, 0.95],
+        min_length=1,
+        description="Sparsities at which each layer is pruned alone for the sensitivity analysis.",
+    )
+    finetune: PruneFinetune = Field(default_factory=PruneFinetune, description="Fine-tuning after pruning; pruned weights stay exactly zero.")
+
+    @model_validator(mode="after")
+    def _check(self):  # noqa: ANN202 - pydantic validator
+        for p, s in self.layers.items():
+            if not 0 <= s < 1:
+                raise ValueError(f"layers[{p!r}] = {s}: a sparsity must be in [0, 1)")
+        if any(not 0 < s < 1 for s in self.sensitivity_sparsities):
+            raise ValueError("sensitivity_sparsities: every value must be in (0, 1)")
+        if self.schedule == "gradual":
+            if self.initial_sparsity >= self.sparsity:
+                raise ValueError(f"initial_sparsity ({self.initial_sparsity}) must be below sparsity ({self.sparsity}) for schedule: gradual")
+            if self.finetune.epochs == 0:
+                raise ValueError("schedule: gradual prunes during fine-tuning: set finetune.epochs ≥ 1 or use schedule: one-shot")
+        return self
 
 
-class MagnitudePrune(_PruneBase):
-    method: Literal["magnitude"] = Field("magnitude", description="Remove the weights of smallest absolute value.")
+class _Unstructured(_PruneBase):
     scope: Literal["global", "layer"] = Field(
-        "global", description="global: one threshold across all layers; layer: each layer pruned to ``sparsity``."
+        "global",
+        description="global: one ranking across all layers not named in `layers`/`skip`; layer: each layer pruned to `sparsity`.",
+    )
+    allocation: Literal["uniform", "auto"] = Field(
+        "uniform",
+        description="auto: per-layer sparsities chosen from a sensitivity analysis of the teacher so that the least sensitive "
+        "layers are pruned most while the total meets `sparsity` (explicit `layers` and `skip` still apply).",
     )
 
 
-PruneParams = registry("method", "magnitude", MagnitudePrune)
+    @model_validator(mode="after")
+    def _auto(self):  # noqa: ANN202 - pydantic validator
+        if self.allocation == "auto" and max(self.sensitivity_sparsities) < self.sparsity:
+            raise ValueError(
+                f"allocation: auto needs sensitivity_sparsities to reach sparsity ({self.sparsity}); "
+                f"the largest is {max(self.sensitivity_sparsities)}: add a value ≥ {self.sparsity}"
+            )
+        return self
+
+
+class MagnitudePrune(_Unstructured):
+    method: Literal["magnitude"] = Field("magnitude", description="Remove the weights of smallest absolute value.")
+
+
+class RandomPrune(_Unstructured):
+    method: Literal["random"] = Field(
+        description="Baseline: a random binary mask per layer (same targets as magnitude), to show what the criterion is worth."
+    )
+    scope: Literal["global", "layer"] = Field(
+        "layer", description="layer: each layer loses exactly `sparsity` of its weights at random; global: drawn from all layers pooled."
+    )
+
+
+class StructuredPrune(_PruneBase):
+    method: Literal["structured"] = Field(
+        description="Remove whole neurons/channels (Torch-Pruning); layers get physically smaller and faster."
+    )
+    sparsity: float = Field(0.5, gt=0, lt=1, description="Fraction of neurons (Linear) / channels (Conv) removed; the output layer keeps its size.")
+    scope: Literal["global", "layer"] = Field(
+        "layer", description="layer: every layer loses `sparsity` of its channels; global: channels of all layers ranked together."
+    )
+    norm: Literal[1, 2] = Field(2, description="Importance of a channel group: its L1 (1) or L2 (2) weight norm.")
+    max_layer_sparsity: float = Field(
+        0.9, gt=0, lt=1, description="global scope: no layer loses more than this fraction of its channels."
+    )
+
+    @model_validator(mode="after")
+    def _structured(self):  # noqa: ANN202 - pydantic validator
+        if self.schedule == "gradual":
+            raise ValueError(
+                "schedule: gradual is for unstructured methods (masks change every few steps); "
+                "use schedule: iterative with method: structured"
+            )
+        return self
+
+
+PruneParams = registry("method", "magnitude", MagnitudePrune, RandomPrune, StructuredPrune)

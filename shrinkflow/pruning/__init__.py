@@ -1,23 +1,32 @@
 """Pruning methods: one handler per ``prune.method``.
 
-A handler takes a float model and the params section and returns the pruned model
-(same architecture for unstructured methods, with masks to keep during fine-tuning).
+Unstructured handlers (``PRUNERS``) zero weights of a float model in place and
+return the masks to keep during fine-tuning: ``handler(model, params, amount=1.0)``
+where ``amount`` is the share of the final targets to reach now (schedules ramp it).
+``structured`` changes the architecture instead (``shrinkflow.pruning.structured``).
+
+Importing this package registers the ``sparse`` storage and the
+``structured-prune`` transform with ``shrinkflow.artifacts``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from torch import nn
 
-from shrinkflow.pruning.magnitude import magnitude_prune
+from shrinkflow.pruning import storage, structured  # noqa: F401 - registers the storage and transform
+from shrinkflow.pruning.magnitude import magnitude_prune, random_prune
 
-#: name → handler(model, params) -> {param name: mask}
-PRUNERS: dict[str, Callable[[nn.Module, Any], dict[str, torch.Tensor]]] = {
+#: name → handler(model, params, amount=1.0) -> {param name: mask (True = kept)}
+PRUNERS: dict[str, Callable[..., dict[str, torch.Tensor]]] = {
     "magnitude": magnitude_prune,
+    "random": random_prune,
 }
+
+#: Methods that remove neurons/channels instead of zeroing weights.
+STRUCTURED = {"structured"}
 
 
 def prunable(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -55,4 +64,4 @@ def sparsity(model: nn.Module) -> tuple[float, dict[str, float]]:
     return (zeros / n if n else 0.0), per
 
 
-__all__ = ["PRUNERS", "prunable", "masks_from_zeros", "keep_masked", "sparsity"]
+__all__ = ["PRUNERS", "STRUCTURED", "prunable", "masks_from_zeros", "keep_masked", "sparsity"]

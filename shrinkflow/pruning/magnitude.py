@@ -1,39 +1,138 @@
-"""Unstructured L1-magnitude pruning, global or per layer.
+"""Unstructured pruning: L1 magnitude (global or per layer) and the random baseline.
 
 We compute masks ourselves instead of calling ``torch.nn.utils.prune``: that module
 reparametrises weights into ``weight_orig`` + ``weight_mask`` (a state dict twice
 the size, with hooks) while we want plain zeros in a plain state dict.
+
+Both methods score every weight and zero the ``k`` lowest scores, with ``k`` from the
+target exactly (``topk``, not a threshold, so ties cannot overshoot). Weights that
+are already zero score lowest, so masks only grow: iterative and gradual schedules
+never revive a pruned weight.
+
+Which layers get which target (see ``layer_targets``):
+
+* ``skip`` patterns: never pruned;
+* ``layers`` overrides ``{pattern: sparsity}``: that layer alone reaches that sparsity;
+* every other layer: ``sparsity``, either each layer on its own (``scope: layer``) or
+  one ranking across all of them (``scope: global``).
+
+Patterns are shell-style (``fnmatch``, case-sensitive) on module names as
+``model.named_modules()`` spells them (``net.1``, ``features.*``); a pattern that
+matches no prunable layer is an error naming the layers there are.
 """
 
 from __future__ import annotations
 
+from fnmatch import fnmatchcase
 from typing import Any
 
 import torch
 from torch import nn
 
-
-def _threshold(values: torch.Tensor, sparsity: float) -> torch.Tensor:
-    k = int(round(sparsity * values.numel()))
-    if k == 0:
-        return values.new_tensor(-1.0)
-    return values.kthvalue(k).values
+from shrinkflow.errors import ParamsError
 
 
-def magnitude_prune(model: nn.Module, params: Any) -> dict[str, torch.Tensor]:
-    """Zero the smallest-magnitude weights in place; return the masks (True = kept)."""
+def layer_name(weight_key: str) -> str:
+    """``net.1.weight`` → ``net.1`` (the name patterns match)."""
+    return weight_key.removesuffix(".weight").removesuffix("weight")
+
+
+def _matches(name: str, patterns: Any) -> list[str]:
+    return [p for p in patterns if fnmatchcase(name, p)]
+
+
+def layer_targets(names: list[str], params: Any, where: str = "prune") -> tuple[dict[str, float], list[str]]:
+    """Split layers into fixed per-layer targets and the pool that shares ``params.sparsity``.
+
+    Args:
+        names: prunable layer names (module names).
+        params: the prune section (``sparsity``, ``layers``, ``skip``, ``scope``).
+
+    Returns:
+        ({layer: its own target}, [layers in the shared pool]). With ``scope: layer``
+        the pool is empty and every non-skipped layer has its own target.
+
+    Raises:
+        ParamsError: a pattern in ``layers`` or ``skip`` matches no layer.
+    """
+    layers: dict[str, float] = dict(getattr(params, "layers", {}) or {})
+    skip: list[str] = list(getattr(params, "skip", []) or [])
+    for key, patterns in (("layers", layers), ("skip", skip)):
+        for p in patterns:
+            if not any(fnmatchcase(n, p) for n in names):
+                raise ParamsError(
+                    f"{where}.{key}: pattern {p!r} matches no prunable layer; the layers are: {', '.join(names)} "
+                    "(shell-style patterns on module names, e.g. 'net.*')"
+                )
+    fixed: dict[str, float] = {}
+    pool: list[str] = []
+    for n in names:
+        if _matches(n, skip):
+            continue
+        hits = _matches(n, layers)
+        if hits:
+            fixed[n] = float(layers[hits[-1]])  # the last matching pattern wins, as in params order
+        elif getattr(params, "scope", "layer") == "layer":
+            fixed[n] = float(params.sparsity)
+        else:
+            pool.append(n)
+    return fixed, pool
+
+
+def _prune_lowest(scores: list[torch.Tensor], k: int) -> list[torch.Tensor]:
+    """Masks (True = kept) zeroing the ``k`` lowest scores across ``scores``."""
+    flat = torch.cat([s.reshape(-1) for s in scores])
+    keep = torch.ones(flat.numel(), dtype=torch.bool, device=flat.device)
+    if k > 0:
+        keep[torch.topk(flat, k, largest=False, sorted=False).indices] = False
+    out, start = [], 0
+    for s in scores:
+        out.append(keep[start : start + s.numel()].reshape(s.shape))
+        start += s.numel()
+    return out
+
+
+def prune_by_scores(
+    model: nn.Module, params: Any, score: Any, amount: float = 1.0, where: str = "prune"
+) -> dict[str, torch.Tensor]:
+    """Zero the lowest-scoring weights in place to each layer's target × ``amount``.
+
+    Args:
+        score: ``score(weight) -> tensor`` of the same shape (zeros must score lowest).
+        amount: fraction of the final targets to reach now (schedules ramp it to 1).
+
+    Returns:
+        {weight key: mask (True = kept)} for every prunable weight.
+    """
     from shrinkflow.pruning import prunable
 
     weights = prunable(model)
-    masks: dict[str, torch.Tensor] = {}
+    by_layer = {layer_name(k): k for k in weights}
+    fixed, pool = layer_targets(list(by_layer), params, where)
+    masks = {k: torch.ones_like(w, dtype=torch.bool) for k, w in weights.items()}
     with torch.no_grad():
-        if params.scope == "global":
-            t = _threshold(torch.cat([w.abs().flatten() for w in weights.values()]), params.sparsity)
-            for k, w in weights.items():
-                masks[k] = w.abs() > t
-        else:
-            for k, w in weights.items():
-                masks[k] = w.abs() > _threshold(w.abs().flatten(), params.sparsity)
+        groups = [([by_layer[n]], s) for n, s in fixed.items()]
+        if pool:
+            groups.append(([by_layer[n] for n in pool], float(params.sparsity)))
+        for keys, target in groups:
+            ws = [weights[k] for k in keys]
+            k = int(round(target * amount * sum(w.numel() for w in ws)))
+            for key, m in zip(keys, _prune_lowest([score(w.detach()) for w in ws], k), strict=True):
+                masks[key] = m
         for k, w in weights.items():
             w.mul_(masks[k])
     return masks
+
+
+def magnitude_prune(model: nn.Module, params: Any, amount: float = 1.0) -> dict[str, torch.Tensor]:
+    """Zero the smallest-magnitude weights in place; return the masks (True = kept)."""
+    return prune_by_scores(model, params, lambda w: w.abs(), amount)
+
+
+def random_prune(model: nn.Module, params: Any, amount: float = 1.0) -> dict[str, torch.Tensor]:
+    """Baseline: zero weights chosen uniformly at random (same targets as magnitude).
+
+    Draws from torch's global generator, which the stage seeds, so a run is
+    reproducible. Weights already zero are taken first so masks only grow.
+    """
+    return prune_by_scores(model, params, lambda w: torch.where(w == 0, -1.0, torch.rand_like(w)), amount)

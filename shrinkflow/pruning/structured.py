@@ -1,0 +1,117 @@
+"""Structured pruning: remove whole neurons (Linear) and channels (Conv) with Torch-Pruning.
+
+Torch-Pruning traces the model into a dependency graph, so removing a channel also
+removes what consumes it (the next layer's inputs, BatchNorm entries, the other
+branch of a residual add). ``sparsity`` here is the fraction of each group's
+channels removed (``scope: layer``), or of all channels ranked together
+(``scope: global``); the layers become physically smaller.
+
+The saved file stays loadable from the file alone, without unpickling: the header
+gets a ``structured-prune`` transform holding Torch-Pruning's pruning history
+(layer names and removed indices, plain JSON); loading builds the original
+architecture, traces it and replays the history, then loads the weights.
+"""
+
+from __future__ import annotations
+
+from fnmatch import fnmatchcase
+from typing import Any
+
+import torch
+from torch import nn
+
+from shrinkflow.artifacts import ModelHeader, Transform, register_transform
+from shrinkflow.errors import ParamsError
+from shrinkflow.pruning.magnitude import layer_name
+
+KIND = "structured-prune"
+_ROOTS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def example_input(input_shape: list[int]) -> torch.Tensor:
+    """A batch of one zero input: all tracing needs (shapes, not values)."""
+    return torch.zeros(1, *input_shape)
+
+
+def output_layers(model: nn.Module, example: torch.Tensor) -> list[nn.Module]:
+    """The Linear/Conv layer run last: its outputs are the model's, so it must keep its size."""
+    order: list[nn.Module] = []
+    hooks = [m.register_forward_hook(lambda mod, i, o: order.append(mod)) for m in model.modules() if isinstance(m, _ROOTS)]
+    try:
+        with torch.no_grad():
+            model.eval()(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return order[-1:]
+
+
+class StructuredPruner:
+    """One Torch-Pruning ``MetaPruner`` for a run; ``step()`` ``steps`` times reaches the target.
+
+    Steps follow Torch-Pruning's linear schedule (step i of n removes up to i/n of
+    the target), so an iterative schedule fine-tunes between steps.
+    """
+
+    def __init__(self, model: nn.Module, params: Any, input_shape: list[int], steps: int = 1) -> None:
+        import torch_pruning as tp
+
+        self.model = model
+        self.input_shape = list(input_shape)
+        ex = example_input(self.input_shape)
+        modules = {name: m for name, m in model.named_modules() if isinstance(m, _ROOTS)}
+        names = [layer_name(f"{n}.weight" if n else "weight") for n in modules]
+        layers: dict[str, float] = dict(getattr(params, "layers", None) or {})
+        skip: list[str] = list(getattr(params, "skip", None) or [])
+        for key, patterns in (("layers", layers), ("skip", skip)):
+            for p in patterns:
+                if not any(fnmatchcase(n, p) for n in names):
+                    raise ParamsError(
+                        f"prune.{key}: pattern {p!r} matches no prunable layer; the layers are: {', '.join(names)}"
+                    )
+        ignored = output_layers(model, ex) + [m for n, m in modules.items() if any(fnmatchcase(n, p) for p in skip)]
+        ratio_dict: dict[nn.Module, float] = {}
+        for n, m in modules.items():
+            hits = [p for p in layers if fnmatchcase(n, p)]
+            if hits and m not in ignored:
+                ratio_dict[m] = float(layers[hits[-1]])
+        self.pruner = tp.pruner.MetaPruner(
+            model,
+            ex,
+            importance=tp.importance.GroupMagnitudeImportance(p=getattr(params, "norm", 2)),
+            pruning_ratio=params.sparsity,
+            pruning_ratio_dict=ratio_dict or None,
+            global_pruning=getattr(params, "scope", "layer") == "global",
+            max_pruning_ratio=getattr(params, "max_layer_sparsity", 1.0),
+            iterative_steps=steps,
+            ignored_layers=ignored,
+        )
+
+    def step(self) -> None:
+        """Remove the next share of channels (in place: the model's layers shrink)."""
+        self.pruner.step()
+
+    def entry(self) -> dict[str, Any]:
+        """The header transform that replays every step so far on the original architecture."""
+        history = [[str(name), bool(out), [int(i) for i in idxs]] for name, out, idxs in self.pruner.pruning_history()]
+        return {"kind": KIND, "history": history}
+
+
+def _rebuild(model: nn.Module, entry: dict[str, Any], header: ModelHeader) -> nn.Module:
+    import torch_pruning as tp
+
+    dg = tp.DependencyGraph().build_dependency(model.eval(), example_inputs=example_input(header.input_shape), verbose=False)
+    dg.load_pruning_history([(name, bool(out), list(idxs)) for name, out, idxs in entry["history"]])
+    return model
+
+
+def channel_counts(model: nn.Module) -> dict[str, int]:
+    """Output neurons/channels of every Linear/Conv layer (to report what structured pruning removed)."""
+    return {
+        name: int(m.weight.shape[0]) for name, m in model.named_modules() if isinstance(m, _ROOTS)
+    }
+
+
+# A pruned model is an ordinary float model of smaller layers: no to_float needed,
+# and training it cannot undo the change, so no constraint either.
+register_transform(KIND, Transform(rebuild=_rebuild))
