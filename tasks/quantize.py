@@ -2,28 +2,55 @@
 
 from __future__ import annotations
 
+import torch
+from torch import nn
+
 from schemas.outputs import QuantizeOutput
 from schemas.params import QuantizeParams
-from shrinkflow.artifacts import load_model, save_model
+from shrinkflow.artifacts import load_model, save_model, to_float
+from shrinkflow.data import load_splits
+from shrinkflow.errors import ShrinkflowError
 from shrinkflow.measure import model_file
-from shrinkflow.quantization import QUANTIZERS
+from shrinkflow.pruning import prunable, sparsity
+from shrinkflow.quantization import QUANTIZERS, QuantEnv
+from shrinkflow.training import resolve_device, seed_everything
 from tasks import Context
-from tasks._common import load_upstream, pass_through
+from tasks._common import load_upstream, pass_through, val_metric
 
 STAGE = "quantize"
 
 
 def run(params: QuantizeParams, ctx: Context) -> QuantizeOutput:
     path = ctx.paths.model(STAGE)
+    splits = load_splits(ctx.paths.splits) if ctx.paths.splits.is_file() else None
     if params.enabled:
+        seed_everything(ctx.seed)
         model, header = load_upstream(STAGE, ctx)
-        qmodel, entry = QUANTIZERS[params.method](model, params)
-        save_model(qmodel, path, header.with_transform(entry.pop("kind"), **entry))
+        float_in = to_float(model, header)
+        pruned = _zero_masks(float_in)
+        # No per-epoch curves (live_dir=None): most methods do not train, and DVC
+        # would then miss a declared curves folder.
+        env = QuantEnv(splits=splits, header=header, seed=ctx.seed, device=resolve_device(ctx.device))
+        qmodel, entry = QUANTIZERS[params.method](model, params, env)
+        header = header.with_transform(entry.pop("kind"), **entry)
+        save_model(qmodel, path, header)
     else:
         pass_through(STAGE, ctx)
     model, header = load_model(path)
+    total, _ = sparsity(to_float(model, header))
+    if params.enabled:
+        after = _zero_masks(to_float(model, header))
+        lost = sum(int((m & ~after[k]).sum()) for k, m in pruned.items())
+        if lost:  # a quantizer must never fill in pruned weights
+            raise ShrinkflowError(f"quantize.method {params.method} turned {lost} pruned zeros into non-zero weights")
     return QuantizeOutput(
         enabled=params.enabled,
         model=model_file(path, model, header, ctx.paths.root),
         method=params.method if params.enabled else "none",
+        sparsity=total,
+        val_metric=val_metric(model, splits) if splits is not None else None,
     )
+
+
+def _zero_masks(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: (w == 0) for k, w in prunable(model).items()}

@@ -4,31 +4,30 @@ We use ``torch.ao.quantization.quantize_dynamic`` rather than torchao's
 ``Int8DynamicActivationInt8WeightConfig``: on an AVX2 CPU torchao's version ran
 about 25× slower than fp32 (it saves space only), while the fbgemm/x86 kernels
 behind ``quantize_dynamic`` are faster than fp32 at large batches. torch 2.13 marks
-``torch.ao.quantization`` deprecated; the warning is filtered at the two call sites
-below, for that reason.
+``torch.ao.quantization`` deprecated; the warning (and its quantized-tensor twin) is
+filtered at the call site below (``_compat.quiet_torch_ao``), for that reason.
 """
 
 from __future__ import annotations
 
 import copy
-import warnings
 from typing import Any
 
 import torch
 from torch import nn
 
 from shrinkflow.artifacts import ModelHeader, Transform, register_transform
+from shrinkflow.quantization._compat import quiet_torch_ao
 
 KIND = "dynamic-int8"
 
 
 def _quantize_dynamic(model: nn.Module) -> nn.Module:
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"torch\.ao\.quantization is deprecated", category=DeprecationWarning)
+    with quiet_torch_ao():
         return torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
 
 
-def quantize(model: nn.Module, params: Any) -> tuple[nn.Module, dict[str, Any]]:
+def quantize(model: nn.Module, params: Any, env: Any = None) -> tuple[nn.Module, dict[str, Any]]:
     """Quantize every nn.Linear of a float model to dynamic int8."""
     qmodel = _quantize_dynamic(copy.deepcopy(model).eval())
     return qmodel, {"kind": KIND}
