@@ -1,0 +1,67 @@
+"""Publishing: push the pipeline's DVC outputs and run-cache to a DVC remote.
+
+A local folder is the default remote (``dvc remote add -d store ../shrinkflow-store``);
+S3 works through dvc-s3 (``dvc remote add -d s3 s3://bucket/path``, plus ``endpointurl``
+for S3-compatible servers). With the run-cache pushed, a fresh clone runs
+``dvc pull --run-cache && dvc repro`` and recomputes nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from shrinkflow.errors import ShrinkflowError
+
+
+@dataclass(frozen=True)
+class Published:
+    remote: str | None
+    files: int
+    git_pushed: bool
+
+    def describe(self) -> str:
+        if self.remote is None:
+            return "not published: no DVC remote configured (dvc remote add -d NAME URL)"
+        git = ", git commit and tags pushed to origin" if self.git_pushed else ""
+        return f"pushed {self.files} file(s) and the run-cache to DVC remote {self.remote!r}{git}"
+
+
+def default_remote(root: Path) -> str | None:
+    """The DVC default remote (``core.remote``), or None when none is configured."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        return repo.config.get("core", {}).get("remote") or None
+
+
+def push_outputs(root: Path, remote: str | None = None) -> Published:
+    """``dvc push --run-cache`` to ``remote`` (default: the configured default remote)."""
+    from dvc.config import NoRemoteError
+    from dvc.repo import Repo
+
+    root = Path(root)
+    remote = remote or default_remote(root)
+    if remote is None:
+        return Published(remote=None, files=0, git_pushed=False)
+    with contextlib.chdir(root), Repo(str(root)) as repo:  # DVC resolves paths against the cwd
+        if remote not in repo.config.get("remote", {}):
+            known = ", ".join(repo.config.get("remote", {})) or "none"
+            raise ShrinkflowError(f"DVC remote {remote!r} is not configured (configured: {known}); add it with dvc remote add")
+        try:
+            files = repo.push(remote=remote, run_cache=True)
+        except NoRemoteError as exc:  # pragma: no cover - checked above
+            raise ShrinkflowError(str(exc)) from exc
+    return Published(remote=remote, files=int(files or 0), git_pushed=False)
+
+
+def push_git(root: Path, git_remote: str = "origin") -> bool:
+    """Push HEAD and the registry's tags to ``git_remote`` when the repository has one."""
+    from shrinkflow.registry import git
+
+    if git_remote not in git(root, "remote").stdout.split():
+        return False
+    git(root, "push", git_remote, "HEAD")
+    git(root, "push", git_remote, "--tags")
+    return True
