@@ -1,0 +1,297 @@
+"""Sweeps: the sweep-file schema, grid/random expansion, the Pareto frontier, auto search, results."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import FAST, make_project, set_params
+
+from schemas.sweep import Range
+from shrinkflow.config import load_params
+from shrinkflow.errors import ParamsError
+from shrinkflow.sweep import (
+    Searcher,
+    TrialResult,
+    choose,
+    failure_reason,
+    grid_points,
+    load_sweep,
+    pareto_front,
+    plan,
+    quality_drop,
+    random_points,
+    space_values,
+    write_results,
+)
+
+
+def write_sweep(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+# ------------------------------------------------------------------ Pareto
+
+
+def test_pareto_front_on_a_hand_made_table():
+    rows = [
+        {"accuracy": 0.95, "size_bytes": 100, "latency_ms_b1": 1.0},  # 0: best accuracy
+        {"accuracy": 0.90, "size_bytes": 50, "latency_ms_b1": 1.0},  # 1: smaller
+        {"accuracy": 0.90, "size_bytes": 60, "latency_ms_b1": 1.0},  # 2: dominated by 1
+        {"accuracy": 0.80, "size_bytes": 50, "latency_ms_b1": 0.5},  # 3: fastest
+        {"accuracy": 0.80, "size_bytes": 50, "latency_ms_b1": 0.6},  # 4: dominated by 3
+        {"accuracy": 0.95, "size_bytes": 100, "latency_ms_b1": 1.0},  # 5: a copy of 0: copies stay
+        {"accuracy": float("nan"), "size_bytes": 1, "latency_ms_b1": 0.1},  # 6: diverged: never on the front
+        {"size_bytes": 1, "latency_ms_b1": 0.1},  # 7: failed trial, no metrics
+        {"accuracy": 0.70, "size_bytes": 200, "latency_ms_b1": 2.0},  # 8: dominated by everything
+    ]
+    objectives = {"accuracy": "max", "size_bytes": "min", "latency_ms_b1": "min"}
+    assert pareto_front(rows, objectives) == [0, 1, 3, 5]
+    # Two objectives only: latency no longer saves row 3 over row 1.
+    assert pareto_front(rows, {"accuracy": "max", "size_bytes": "min"}) == [0, 1, 5]
+    # Regression: lower MSE is better.
+    mse = [{"mse": 0.1, "size_bytes": 10}, {"mse": 0.2, "size_bytes": 5}, {"mse": 0.3, "size_bytes": 6}]
+    assert pareto_front(mse, {"mse": "min", "size_bytes": "min"}) == [0, 1]
+
+
+def test_quality_drop_absolute_and_relative():
+    assert quality_drop(0.9, 0.88, "accuracy", relative=False) == pytest.approx(0.02)
+    assert quality_drop(0.8, 0.76, "accuracy", relative=True) == pytest.approx(0.05)
+    assert quality_drop(0.10, 0.12, "mse", relative=True) == pytest.approx(0.2)
+    assert quality_drop(0.9, 0.95, "accuracy", relative=False) < 0  # better than the teacher
+
+
+# ------------------------------------------------------------------ expansion
+
+
+def test_grid_and_random_expansion():
+    values = space_values({"prune.sparsity": [0.5, 0.9], "distill.epochs": Range(low=1, high=5, integer=True, steps=3)})
+    assert values == {"prune.sparsity": [0.5, 0.9], "distill.epochs": [1, 3, 5]}
+    points = grid_points(values)
+    assert len(points) == 6 and points[0] == {"prune.sparsity": 0.5, "distill.epochs": 1}
+    assert len({json.dumps(p, sort_keys=True) for p in points}) == 6
+    assert Range(low=1e-3, high=1e-1, log=True, steps=3).values() == [0.001, 0.01, 0.1]
+
+    space = {"prune.sparsity": Range(low=0.5, high=0.95), "distill.temperature": [2.0, 4.0]}
+    a, b = random_points(space, 5, seed=1), random_points(space, 5, seed=1)
+    assert a == b and len(a) == 5
+    assert all(0.5 <= p["prune.sparsity"] <= 0.95 and p["distill.temperature"] in (2.0, 4.0) for p in a)
+    assert random_points(space, 5, seed=2) != a
+    # A space smaller than the request gives every point once.
+    assert len(random_points({"prune.sparsity": [0.5, 0.9]}, 10, seed=0)) == 2
+
+
+# ------------------------------------------------------------------ sweep file validation
+
+
+@pytest.fixture(scope="module")
+def proj(tmp_path_factory) -> Path:
+    root = make_project(tmp_path_factory.mktemp("sweep") / "proj")
+    set_params(root, FAST)
+    return root
+
+
+def test_sweep_file_errors_name_the_key(tmp_path, proj):
+    bad = write_sweep(tmp_path / "s.yaml", {"space": {"prune.sparsity": [0.5]}, "serach": {"mode": "grid"}})
+    with pytest.raises(ParamsError, match=r"serach: unknown key"):
+        load_sweep(bad)
+    bad = write_sweep(tmp_path / "s.yaml", {"space": {"prune.sparsity": [0.5]}, "search": {"mode": "bayes"}})
+    with pytest.raises(ParamsError, match=r"search.mode: unknown value 'bayes'"):
+        load_sweep(bad)
+    bad = write_sweep(tmp_path / "s.yaml", {"space": {"prune.sparsity": {"low": 0.9, "high": 0.5}}})
+    with pytest.raises(ParamsError, match=r"space.prune.sparsity"):
+        load_sweep(bad)
+    bad = write_sweep(tmp_path / "s.yaml", {"space": {"prune.sparsity": [0.5]}, "set": {"prune.sparsity": 0.9}})
+    with pytest.raises(ParamsError, match=r"both in `set` and in `space`"):
+        load_sweep(bad)
+    # Values are checked against the params schema before anything runs, naming the key.
+    bad = write_sweep(tmp_path / "s.yaml", {"space": {"prune.sparsity": [0.5, 1.5]}})
+    with pytest.raises(ParamsError, match=r"space.prune.sparsity: value 1.5 is not valid(.|\n)*prune.sparsity"):
+        plan(bad, proj)
+    bad = write_sweep(tmp_path / "s.yaml", {"space": {"prune.sparsty": [0.5]}})
+    with pytest.raises(ParamsError, match=r"prune.sparsty: unknown key"):
+        plan(bad, proj)
+    bad = write_sweep(tmp_path / "s.yaml", {"space": {"prune.sparsity": [0.5]}, "objective": "latency_b64"})
+    with pytest.raises(ParamsError, match=r"batch size 64 in evaluate.batch_sizes"):
+        plan(bad, proj)
+
+
+def test_example_sweep_file_is_valid(proj):
+    example = Path(__file__).resolve().parents[1] / "examples" / "sweep.yaml"
+    p = plan(example, proj)
+    assert p.points is None and p.sweep.search.mode == "auto"
+    assert p.out == proj / "sweeps" / p.sweep.name
+
+
+# ------------------------------------------------------------------ auto search and results (fake trials)
+
+
+def fake(index: int, point: dict, acc: float, size: int, teacher: float = 0.95, status: str = "done") -> TrialResult:
+    metrics = {"accuracy": acc, "agreement": 0.9, "size_bytes": size, "params": 100, "nonzero_params": 50,
+               "latency_ms_b1": size / 1000, "compression_ratio": 10_000 / size, "speedup_b1": 1.0} if status == "done" else {}
+    return TrialResult(index=index, point=point, overrides=[f"{k}={v}" for k, v in point.items()], status=status,
+                       reason=None if status == "done" else "distill: boom", pid=1, host="h", seconds=1.0,
+                       metrics=metrics, teacher={"accuracy": teacher} if status == "done" else {})
+
+
+def test_auto_search_climbs_towards_smaller_passing_configs(tmp_path, proj):
+    f = write_sweep(tmp_path / "s.yaml", {
+        "space": {"prune.sparsity": [0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98]},
+        "search": {"mode": "auto", "seed": 0, "initial": 1, "explore": 0.0},
+        "criterion": {"max_drop": 0.02},
+        "budget": {"trials": 4},
+    })
+    p = plan(f, proj)
+    s = Searcher(p)
+
+    def evaluate(i, pt):  # a toy problem: more sparsity = smaller file; accuracy falls off past 0.9
+        sp = pt["prune.sparsity"]
+        return fake(i, pt, acc=0.95 - (0.0 if sp <= 0.9 else 0.2), size=int(10_000 * (1 - sp)))
+
+    seen = []
+    while (pt := s.propose()) is not None:
+        seen.append(pt["prune.sparsity"])
+        s.observe(evaluate(len(seen) - 1, pt))
+    assert len(seen) == 4 and len(set(seen)) == 4, seen
+    # 4 of 7 points tried, and the smallest passing one (0.9) among them: each proposal after
+    # the random start moved one step from the best result so far.
+    assert choose(s.results, p.sweep).point["prune.sparsity"] == 0.9
+    idx = [p.values["prune.sparsity"].index(v) for v in seen]
+    assert all(abs(b - a) == 1 for a, b in zip(idx[1:-1], idx[2:], strict=True)), seen
+
+
+def test_auto_search_respects_the_trial_budget(tmp_path, proj):
+    f = write_sweep(tmp_path / "s.yaml", {"space": {"prune.sparsity": [0.5, 0.7, 0.9]}, "search": {"mode": "auto"},
+                                         "budget": {"trials": 2}})
+    s = Searcher(plan(f, proj))
+    assert s.propose() is not None and s.propose() is not None and s.propose() is None
+
+
+def test_results_keep_the_best_passing_trial_and_record_failures(tmp_path, proj):
+    f = write_sweep(tmp_path / "s.yaml", {"name": "unit", "space": {"prune.sparsity": [0.5, 0.8, 0.9, 0.95]},
+                                         "criterion": {"max_drop": 0.02}})
+    p = plan(f, proj)
+    results = [
+        fake(0, {"prune.sparsity": 0.5}, acc=0.95, size=5000),
+        fake(1, {"prune.sparsity": 0.8}, acc=0.94, size=2000),
+        fake(2, {"prune.sparsity": 0.9}, acc=0.90, size=1000),  # misses the criterion
+        fake(3, {"prune.sparsity": 0.95}, acc=0.0, size=0, status="failed"),
+    ]
+    summary = write_results(p, results, elapsed=12.0)
+    assert summary["chosen"]["trial"] == 1 and summary["failed"] == 1 and summary["done"] == 3
+    assert summary["pareto"] == [0, 1, 2]
+    rows = list(csv.DictReader((p.out / "results.csv").open()))
+    assert [r["status"] for r in rows] == ["done", "done", "done", "failed"]
+    assert {"accuracy", "size_bytes", "latency_ms_b1", "compression_ratio", "drop", "passed", "pid"} <= set(rows[0])
+    assert rows[3]["reason"] == "distill: boom"
+    md = (p.out / "results.md").read_text()
+    assert "Chosen: trial 1" in md and "trial 3: distill: boom" in md
+    assert (p.out / "pareto.png").stat().st_size > 1000
+    plots = json.loads((p.out / "pareto.json").read_text())
+    assert [x["pareto"] for x in plots] == [True, True, True]
+    # The chosen config is a ready-to-use params file.
+    best = load_params(p.out / "best-params.yaml", root=proj)
+    assert best.prune.sparsity == 0.8 and best.train_teacher.epochs == 8
+    # Nothing passing: nothing chosen, and no stale best-params.yaml left behind.
+    summary = write_results(p, [results[2], results[3]], elapsed=1.0, final=False)
+    assert summary["chosen"] is None and not (p.out / "best-params.yaml").exists()
+
+
+def test_failure_reason_picks_the_stage_error():
+    out = (
+        "Running stage 'distill':\n> shrinkflow stage distill\nerror: training diverged at epoch 1\n"
+        "ERROR: failed to reproduce 'distill': failed to run: shrinkflow stage distill, exited with 1\n"
+    )
+    assert failure_reason(out) == "distill: training diverged at epoch 1"
+    out = "Traceback (most recent call last):\n  File x\nModuleNotFoundError: No module named 'nope'\nERROR: failed to reproduce 'prune': x\n"
+    assert failure_reason(out) == "prune: ModuleNotFoundError: No module named 'nope'"
+
+
+# ------------------------------------------------------------------ workspaces and trials (no DVC run)
+
+
+def test_workspace_copies_sources_and_shares_the_cache(tmp_path, proj):
+    from configobj import ConfigObj
+
+    from shrinkflow.sweep import dvc_cache_dir, make_workspace
+
+    (proj / "sweeps" / "old").mkdir(parents=True, exist_ok=True)
+    (proj / "sweeps" / "old" / "results.csv").write_text("x\n")
+    (proj / "models").mkdir(exist_ok=True)
+    (proj / "models" / "junk.bin").write_text("ignored by git")
+    ws = make_workspace(proj, tmp_path / "ws", dvc_cache_dir(proj), exclude=["sweeps"])
+    assert (ws / "dvc.yaml").read_text() == (proj / "dvc.yaml").read_text()
+    assert (ws / "tasks" / "distill.py").is_file() and (ws / "params.yaml").is_file()
+    assert not (ws / "sweeps").exists() and not (ws / "models").exists() and not (ws / ".git").exists()
+    conf = ConfigObj(str(ws / ".dvc" / "config.local"))
+    assert conf["cache"]["dir"] == str(proj / ".dvc" / "cache") and conf["core"]["no_scm"] == "true"
+    private = make_workspace(proj, tmp_path / "ws2", None)
+    assert "cache" not in ConfigObj(str(private / ".dvc" / "config.local"))
+
+
+def test_trial_with_bad_params_or_no_time_left_fails_without_running(tmp_path, proj):
+    import time
+
+    from shrinkflow.sweep import TrialSpec, run_trial
+
+    spec = dict(index=7, point={"prune.sparsity": 2.0}, project=str(proj), params_file=str(proj / "params.yaml"),
+                cache_dir=None, workdir=str(tmp_path))
+    res = run_trial(TrialSpec(overrides=["prune.sparsity=2.0"], **spec))
+    assert res.status == "failed" and res.reason.startswith("params:") and "prune.sparsity" in res.reason
+    res = run_trial(TrialSpec(overrides=[], deadline=time.time() - 1, **spec))
+    assert res.status == "skipped" and res.reason.startswith("budget")
+    assert list(tmp_path.iterdir()) == []  # workspaces are removed
+
+
+def test_cli_sweep_rejects_a_bad_file_and_prints_the_schema(tmp_path, proj):
+    from typer.testing import CliRunner
+
+    from shrinkflow.cli import app
+
+    bad = write_sweep(tmp_path / "s.yaml", {"space": {"prune.sparsity": [0.5, 1.5]}})
+    res = CliRunner().invoke(app, ["sweep", str(bad), "--root", str(proj)])
+    assert res.exit_code == 2 and "space.prune.sparsity" in res.output
+    res = CliRunner().invoke(app, ["sweep", "--schema"])
+    schema = json.loads(res.output)
+    assert res.exit_code == 0 and {"space", "search", "criterion", "budget", "cluster"} <= set(schema["properties"])
+
+
+def test_every_sweep_field_is_documented():
+    from schemas.sweep import Sweep
+
+    schema = Sweep.model_json_schema(by_alias=True)
+    for node in [schema, *schema["$defs"].values()]:
+        for name, prop in node.get("properties", {}).items():
+            assert prop.get("description"), f"{node.get('title')}.{name} has no description"
+
+
+def test_auto_search_steps_the_way_finished_trials_say_is_smaller(tmp_path, proj):
+    from shrinkflow.sweep import assess, point_key
+
+    space = {"distill.temperature": [2.0, 4.0], "prune.sparsity": [0.3, 0.5, 0.7, 0.8, 0.9, 0.95]}
+    known = [({"distill.temperature": 2.0, "prune.sparsity": 0.5}, 5000), ({"distill.temperature": 2.0, "prune.sparsity": 0.7}, 3000)]
+    for seed in range(8):
+        f = write_sweep(tmp_path / "s.yaml", {"space": space, "search": {"mode": "auto", "seed": seed, "initial": 2, "explore": 0.0}})
+        s = Searcher(plan(f, proj))
+        for i, (pt, size) in enumerate(known):  # two finished, passing trials: more sparsity was smaller
+            s.proposed.append(pt)
+            s.tried.add(point_key(pt))
+            s.observe(fake(i, pt, acc=0.95, size=size))
+        rows = [assess(r, s.plan.sweep) for r in s.results]
+        assert s._trends(rows) == {"distill.temperature": 0.0, "prune.sparsity": -1.0}
+        # Neighbours of the best (0.7): 0.8 (predicted smaller) or temperature 4 (unknown): always 0.8.
+        assert s.propose() == {"distill.temperature": 2.0, "prune.sparsity": 0.8}, seed
+
+
+def test_trial_past_its_timeout_is_stopped_and_recorded(tmp_path, proj):
+    from shrinkflow.sweep import TrialSpec, run_trial
+
+    spec = TrialSpec(index=1, point={}, overrides=[], project=str(proj), params_file=str(proj / "params.yaml"),
+                     cache_dir=None, workdir=str(tmp_path), timeout=2.0)
+    res = run_trial(spec)  # the whole chain needs far longer than 2 s: DVC and its stage get killed
+    assert res.status == "failed" and res.reason.startswith("timeout"), res
+    assert list(tmp_path.iterdir()) == []
