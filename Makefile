@@ -10,7 +10,7 @@ export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export TORCHAO_FORCE_SKIP_LOADING_SO_FILES := 1
 
-.PHONY: setup run test test-fast clean
+.PHONY: setup run test test-fast clean serve
 
 setup: $(VENV)/.installed
 
@@ -29,6 +29,10 @@ test: setup
 
 test-fast: setup
 	python -m pytest -q -m "not slow"
+
+# Local Prefect server + worker + deployments (compress/local, retrain/nightly); Ctrl-C stops all.
+serve: setup
+	shrinkflow serve --port $(or $(PORT),4200)
 
 clean:
 	rm -rf data/prepared models reports .dvc/tmp

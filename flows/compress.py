@@ -31,7 +31,7 @@ class StageResult(BaseModel):
 @task(cache_policy=NO_CACHE, task_run_name="{name}", retries=0)
 def stage(name: str, root: str) -> StageResult:
     """Reproduce stage ``name`` through DVC and return its manifest."""
-    ran = reproduce(Path(root), name)
+    ran = reproduce(Path(root), name, log=get_run_logger().info)  # the stage's output reaches the run's logs
     get_run_logger().info("%s: %s", name, "ran" if ran else "cached (inputs unchanged)")
     return StageResult(stage=name, ran=ran, manifest=read_manifest(name, Path(root)).model_dump(mode="json"))
 

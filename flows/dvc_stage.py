@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import sys
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
@@ -18,11 +22,54 @@ def ensure_venv_on_path() -> None:
         os.environ["PATH"] = bindir + os.pathsep + path
 
 
-def reproduce(root: Path, stage: str) -> bool:
-    """``dvc repro --single-item STAGE``; True when the stage ran, False when it was cached."""
+#: Lines Prefect's own console handler writes ("12:00:01.234 | INFO | ..."): already in the run's logs.
+_PREFECT_CONSOLE = re.compile(r"^\d\d:\d\d:\d\d\.\d{3} \| ")
+
+
+@contextlib.contextmanager
+def _output_to(log: Callable[[str], None] | None, stage: str) -> Iterator[None]:
+    """Send what the stage command prints (DVC runs it with our stdout/stderr) to ``log``.
+
+    DVC gives no hook on the command's output, so file descriptors 1 and 2 are pointed at
+    a temporary file while the stage runs; the text is logged even when the stage fails.
+    """
+    if log is None:
+        yield
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    with tempfile.TemporaryFile() as buf:
+        saved = [os.dup(1), os.dup(2)]
+        os.dup2(buf.fileno(), 1)
+        os.dup2(buf.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+            buf.seek(0)
+            text = buf.read().decode("utf-8", errors="replace")
+            lines = [ln for ln in text.splitlines() if ln.strip() and not _PREFECT_CONSOLE.match(ln)]
+            if lines:
+                log(f"{stage} output:\n" + "\n".join(lines))
+
+
+def reproduce(root: Path, stage: str, log: Callable[[str], None] | None = None) -> bool:
+    """``dvc repro --single-item STAGE``; True when the stage ran, False when it was cached.
+
+    Args:
+        log: receives the stage command's output (e.g. a Prefect run logger's ``info``).
+    """
     from dvc.repo import Repo
 
     ensure_venv_on_path()
-    with Repo(str(root)) as repo:
+    # DVC resolves targets and run-cache paths against the *cwd* (its CLI always runs in
+    # the repo): from elsewhere "data" may pick up another dvc.yaml and saving the
+    # run-cache fails ("outside of DVC repo"). Stages never run in parallel threads.
+    with contextlib.chdir(root), Repo(str(root)) as repo, _output_to(log, stage):
         ran = repo.reproduce(stage, single_item=True)
     return bool(ran)

@@ -52,7 +52,8 @@ class NpzData(_DataBase):
     source: Literal["npz"] = Field(
         description=(
             "Your own arrays in an .npz file (``path``): ``X`` and ``y`` (optionally ``X_test`` "
-            "and ``y_test``). Integer ``y`` means classification, float ``y`` regression."
+            "and ``y_test``), or a folder of such files, concatenated in name order (drop new "
+            "batches there for retraining). Integer ``y`` means classification, float ``y`` regression."
         )
     )
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, PositiveInt
 
 from schemas.common import Section
@@ -17,6 +19,10 @@ class Gates(Section):
     min_compression_ratio: float | None = Field(
         None, gt=0, description="Smallest allowed teacher-size / final-size ratio, from the files on disk; null = no gate."
     )
+    max_latency_ms: float | None = Field(
+        None, gt=0,
+        description="Largest allowed median CPU latency (ms) of the final model at the smallest of evaluate.batch_sizes; null = no gate.",
+    )
 
 
 class EvaluateParams(Section):
@@ -28,3 +34,11 @@ class EvaluateParams(Section):
         0.3, gt=0, le=60, description="Seconds of timing per variant and batch size (torch.utils.benchmark blocked_autorange)."
     )
     gates: Gates = Field(default_factory=Gates, description="Quality gates checked on the final model; results in reports/evaluate.json.")
+    pack: Literal["student", "quantized", "pruned", "teacher", "none"] = Field(
+        "student",
+        description=(
+            "Variant written as a packed Deep Compression file (models/evaluate/<variant>.sfz: sparse positions, "
+            "shared-weight indices, Huffman coding; see docs/packing.md). That file is the variant's size_bytes and "
+            "its quality is measured by loading it; none = report the .pt files only."
+        ),
+    )

@@ -55,6 +55,13 @@ class PruneOutput(StageOutput):
     sparsity: float = Field(description="Measured share of zeros among prunable weights.")
     layer_sparsity: dict[str, float]
     val_metric: float | None
+    method: str | None = Field(None, description="The pruning method that ran; null when disabled.")
+    schedule: str | None = Field(None, description="one-shot | iterative | gradual; null when disabled.")
+    macs: int | None = Field(None, description="Multiply-accumulates per example (dense count: zeros included); null if not countable.")
+    teacher_macs: int | None = Field(None, description="The input model's MACs per example, for comparison.")
+    teacher_params: int | None = Field(None, description="The input model's parameter count, for comparison.")
+    allocation: dict[str, float] | None = Field(None, description="Per-layer targets used (allocation: auto).")
+    sensitivity: str | None = Field(None, description="The sensitivity table (markdown), when prune.sensitivity is on.")
 
 
 class QuantizeOutput(StageOutput):
@@ -62,6 +69,8 @@ class QuantizeOutput(StageOutput):
     enabled: bool
     model: ModelFile
     method: str
+    sparsity: float | None = Field(None, description="Share of zeros among prunable weights after quantization.")
+    val_metric: float | None = Field(None, description="Validation accuracy (or MSE) of the quantized model as loaded.")
 
 
 class DistillOutput(StageOutput):
@@ -70,6 +79,10 @@ class DistillOutput(StageOutput):
     model: ModelFile
     student: str
     val_metric: float | None
+    method: str | None = Field(None, description="The distillation method that ran (auto resolved); null when disabled.")
+    input_val_metric: float | None = Field(
+        None, description="Validation metric of the compressed model before recovery; null for a new student."
+    )
 
 
 class GateResult(_Out):

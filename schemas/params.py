@@ -29,7 +29,7 @@ from schemas.data import (
     NpzData,
     SyntheticRegressionData,
 )
-from schemas.distill import DistillParams
+from schemas.distill import AutoDistill, DistillParams
 from schemas.evaluate import EvaluateParams, Gates
 from schemas.prune import MagnitudePrune, PruneParams
 from schemas.quantize import DynamicQuant, QuantizeParams
@@ -67,7 +67,7 @@ class Params(Section):
     train_teacher: TrainTeacherParams = Field(default_factory=TrainTeacherParams, description="Train (or import) the teacher.")
     prune: PruneParams = Field(default_factory=MagnitudePrune, description="Prune the teacher.")
     quantize: QuantizeParams = Field(default_factory=DynamicQuant, description="Quantize the pruned model.")
-    distill: DistillParams = Field(default_factory=DistillParams, description="Distill from the teacher.")
+    distill: DistillParams = Field(default_factory=AutoDistill, description="Distill from the teacher.")
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams, description="Measure every variant side by side.")
 
     @model_validator(mode="after")

@@ -112,6 +112,7 @@ def register_storage(name: str, s: Storage) -> None:
 
 def _load_plugins() -> None:
     # Transforms and storages register themselves when their module is imported.
+    import shrinkflow.pruning  # noqa: F401
     import shrinkflow.quantization  # noqa: F401
 
 
@@ -142,8 +143,11 @@ def read_model_file(path: Path) -> tuple[ModelHeader, dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"model file not found: {path}")
+    from shrinkflow.quantization._compat import quiet_torch_ao
+
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        with quiet_torch_ao():  # quantized tensors in the file: torch warns about its own storage classes
+            payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for corrupt or unsafe files
         raise InputError(f"{path} is not a readable shrinkflow model file (loaded with weights_only=True): {exc}") from exc
     if not isinstance(payload, dict) or "shrinkflow" not in payload:
@@ -156,19 +160,31 @@ def read_model_file(path: Path) -> tuple[ModelHeader, dict[str, Any]]:
     _load_plugins()
     if header.storage not in STORAGES:
         raise InputError(f"{path} stores weights as {header.storage!r}, which this version of shrinkflow does not know")
-    return header, STORAGES[header.storage].decode(payload["state"])
+    with quiet_torch_ao():
+        return header, STORAGES[header.storage].decode(payload["state"])
 
 
 def load_model(path: Path) -> tuple[nn.Module, ModelHeader]:
-    """Rebuild a variant from its file, in eval mode, on CPU."""
+    """Rebuild a variant from its file, in eval mode, on CPU.
+
+    Packed files (``.sfz``, see ``shrinkflow.packing``) are recognised by their
+    magic bytes and read by the packed loader.
+    """
+    from shrinkflow.packing import is_packed, load_packed
+
+    if is_packed(path):
+        return load_packed(path)
+    from shrinkflow.quantization._compat import quiet_torch_ao
+
     header, state = read_model_file(path)
-    model = header.build()
-    model.load_state_dict(state)
+    with quiet_torch_ao():
+        model = header.build()
+        model.load_state_dict(state)
     return model.eval(), header
 
 
 def load(path: str | os.PathLike[str]) -> nn.Module:
-    """Load a shrinkflow model file for inference: ``shrinkflow.load("models/distill/model.pt")``."""
+    """Load a shrinkflow model file (``.pt`` or packed ``.sfz``) for inference: ``shrinkflow.load("models/distill/model.pt")``."""
     return load_model(Path(path))[0]
 
 

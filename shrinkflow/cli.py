@@ -64,6 +64,14 @@ def schema() -> None:
     typer.echo(json.dumps(Params.model_json_schema(by_alias=True), indent=2))
 
 
+@app.command("params-doc")
+def params_doc() -> None:
+    """Print the params reference as markdown (docs/params.md is this output)."""
+    from shrinkflow.paramdoc import params_reference
+
+    typer.echo(params_reference(), nl=False)
+
+
 @app.command()
 def metrics(root: Annotated[Path, typer.Option(help="Project root.")] = Path(".")) -> None:
     """Print reports/metrics.json as a table."""
@@ -75,6 +83,40 @@ def metrics(root: Annotated[Path, typer.Option(help="Project root.")] = Path("."
         typer.echo(f"error: {path} not found: run the pipeline first (dvc repro or shrinkflow run)", err=True)
         raise typer.Exit(2)
     typer.echo(render_table(json.loads(path.read_text())))
+
+
+@app.command()
+def sensitivity(
+    model: Annotated[Path | None, typer.Option(help="Model file to analyse; default: the teacher (models/train_teacher/model.pt).")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+    sparsities: Annotated[str | None, typer.Option(help="Comma-separated, e.g. 0.5,0.9; default: prune.sensitivity_sparsities.")] = None,
+    out: Annotated[Path, typer.Option(help="Folder for sensitivity.json/.md/.png and curves.json.")] = Path("reports/sensitivity"),
+) -> None:
+    """Prune each layer alone at several sparsities; write and print validation quality per layer."""
+    from shrinkflow.artifacts import load_model
+    from shrinkflow.config import load_params
+    from shrinkflow.data import load_splits
+    from shrinkflow.errors import ParamsError
+    from shrinkflow.paths import StagePaths
+    from shrinkflow.pruning import sensitivity as sens
+
+    paths = StagePaths(Path.cwd())
+    try:
+        if sparsities is None:
+            levels = list(load_params(params).prune.sensitivity_sparsities)
+        else:
+            try:
+                levels = [float(s) for s in sparsities.split(",") if s.strip()]
+            except ValueError:
+                raise ParamsError(f"--sparsities: expected numbers separated by commas, got {sparsities!r}") from None
+            if not levels or any(not 0 < s < 1 for s in levels):
+                raise ParamsError(f"--sparsities: every value must be in (0, 1), got {sparsities!r}")
+        net, _ = load_model(model or paths.model("train_teacher"))
+        table = sens.analyze(net, load_splits(paths.splits), levels)
+    except ShrinkflowError as exc:
+        _fail(exc)
+    sens.write_reports(table, out)
+    typer.echo((out / sens.MARKDOWN).read_text(encoding="utf-8"))
 
 
 @app.command()
@@ -110,7 +152,159 @@ def run(
         raise typer.Exit(1)
 
 
+@app.command()
+def serve(
+    root: Annotated[Path, typer.Option(help="Project root holding prefect.yaml.")] = Path("."),
+    host: Annotated[str, typer.Option(help="Address the server listens on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Server port (UI and API).")] = 4200,
+    home: Annotated[Path | None, typer.Option(help="PREFECT_HOME (SQLite database, logs); default: Prefect's.")] = None,
+    poll: Annotated[float | None, typer.Option(help="Worker poll interval in seconds (PREFECT_WORKER_QUERY_SECONDS).")] = None,
+) -> None:
+    """Start a local Prefect server, the process work pool, the deployments and a worker; Ctrl-C stops them."""
+    from shrinkflow.serve import serve as run_serve
+
+    try:
+        run_serve(root, home.resolve() if home else None, host, port, poll)
+    except ShrinkflowError as exc:
+        _fail(exc)
+    except KeyboardInterrupt:
+        typer.echo("interrupted during start-up; everything started was stopped.", err=True)
+        raise typer.Exit(130) from None
+
+
+@app.command()
+def sweep(
+    file: Annotated[Path | None, typer.Argument(help="Sweep file (see examples/sweep.yaml).")] = None,
+    root: Annotated[Path, typer.Option(help="Project root (git + DVC repo).")] = Path("."),
+    address: Annotated[str | None, typer.Option(help="Dask scheduler address (overrides cluster.address).")] = None,
+    workers: Annotated[int | None, typer.Option(min=1, help="LocalCluster workers (overrides cluster.workers).")] = None,
+    schema_: Annotated[bool, typer.Option("--schema", help="Print the sweep file's JSON Schema and exit.")] = False,
+) -> None:
+    """Run many configs as isolated trials on Dask; write results, the Pareto frontier and the chosen params.
+
+    Exit 0 when a trial met the criterion (its params are in <output>/best-params.yaml), 1 when none did.
+    """
+    if schema_:
+        from schemas.sweep import Sweep
+
+        typer.echo(json.dumps(Sweep.model_json_schema(by_alias=True), indent=2))
+        return
+    if file is None:
+        typer.echo("error: give a sweep file, e.g. shrinkflow sweep examples/sweep.yaml", err=True)
+        raise typer.Exit(2)
+    from shrinkflow.sweep import plan
+
+    try:  # reject a bad sweep before paying for Prefect and Dask start-up
+        p = plan(file, root, address=address, workers=workers)
+    except ShrinkflowError as exc:
+        _fail(exc)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    from flows.sweep import run_sweep
+
+    try:
+        summary = run_sweep(file, root, address=address, workers=workers)
+    except ShrinkflowError as exc:
+        _fail(exc)
+    typer.echo((p.out / "results.md").read_text())
+    typer.echo(f"results: {p.out} (results.csv, results.md, pareto.png, pareto.json)")
+    if summary["chosen"] is None:
+        raise typer.Exit(1)
+    typer.echo(f"chosen: trial {summary['chosen']['trial']} → {summary['best_params']}")
+
+
+@app.command()
+def pack(
+    model: Annotated[Path, typer.Argument(help="Model file to pack (.pt, or .sfz to repack).")],
+    out: Annotated[Path, typer.Argument(help="Packed file to write, e.g. model.sfz.")],
+    no_huffman: Annotated[bool, typer.Option("--no-huffman", help="Fixed-width streams (to see what entropy coding adds).")] = False,
+) -> None:
+    """Pack a model into the Deep Compression format (sparse positions, shared weights, Huffman)."""
+    from shrinkflow.packing import pack_file
+
+    try:
+        rep = pack_file(model, out, entropy=not no_huffman)
+    except ShrinkflowError as exc:
+        _fail(exc)
+    parts = ", ".join(f"{k} {v:,}" for k, v in rep.breakdown.items())
+    typer.echo(f"{out}: {rep.size_bytes:,} bytes ({parts}); was {model.stat().st_size:,} bytes")
+
+
+@app.command()
+def predict(
+    model: Annotated[Path, typer.Argument(help="Model file (.pt or packed .sfz).")],
+    inputs: Annotated[Path, typer.Argument(help=".npy array, or .npz with array X, shaped [N, *input_shape].")],
+) -> None:
+    """Print the model's prediction for each input row (class, or regression outputs)."""
+    import numpy as np
+    import torch
+
+    from shrinkflow.artifacts import load_model
+    from shrinkflow.errors import InputError
+
+    try:
+        net, header = load_model(model)
+        try:
+            loaded = np.load(inputs, allow_pickle=False)
+            if isinstance(loaded, np.ndarray):
+                X = loaded
+            else:
+                with loaded:
+                    X = loaded["X"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise InputError(f"{inputs}: expected a .npy array or an .npz with array 'X' ({exc})") from exc
+        X = X.astype(np.float32)
+        if list(X.shape[1:]) != list(header.input_shape):
+            if X.ndim >= 1 and int(np.prod(X.shape[1:])) == int(np.prod(header.input_shape)):
+                X = X.reshape(len(X), *header.input_shape)
+            else:
+                raise InputError(f"{inputs}: rows shaped {list(X.shape[1:])}, the model takes {header.input_shape}")
+        with torch.inference_mode():
+            out = net(torch.from_numpy(X)).float()
+    except ShrinkflowError as exc:
+        _fail(exc)
+    if header.task == "classification":
+        for c in out.argmax(1).tolist():
+            typer.echo(str(c))
+    else:
+        for row in out.tolist():
+            typer.echo(" ".join(f"{v:.6g}" for v in row))
+
+
+@app.command("export")
+def export_cmd(
+    model: Annotated[Path, typer.Argument(help="Model file (.pt or packed .sfz).")],
+    out: Annotated[Path, typer.Argument(help="ONNX file to write.")],
+    check: Annotated[bool, typer.Option(help="Check parity and latency in onnxruntime on the test split (data/prepared).")] = True,
+    threads: Annotated[int, typer.Option(help="Threads for both runtimes in the latency check.")] = 1,
+    int8: Annotated[bool, typer.Option("--int8", help="Quantize the ONNX graph with onnxruntime's dynamic int8 quantizer.")] = False,
+) -> None:
+    """Export a model to ONNX (dynamo exporter, one file) and check it against PyTorch."""
+    from shrinkflow.artifacts import load_model
+    from shrinkflow.export import check_onnx, export_onnx
+
+    try:
+        net, header = load_model(model)
+        info = export_onnx(net, header, out, int8=int8)
+    except ShrinkflowError as exc:
+        _fail(exc)
+    typer.echo(f"{out}: {info['size_bytes']:,} bytes, exported {info['exported_as']}")
+    splits_path = Path("data/prepared/splits.npz")
+    if check and splits_path.is_file():
+        from shrinkflow.data import load_splits
+
+        X, y = load_splits(splits_path).tensors("test")
+        res = check_onnx(out, net, X, y if header.task == "classification" else None, threads=threads)
+        typer.echo(json.dumps(res, indent=2))
+    elif check:
+        typer.echo("parity check skipped: no data/prepared/splits.npz here (run the data stage first)")
+
+
 def main() -> None:
+    # `arch: module` names classes "importable from the project root", which is the
+    # working directory of every stage command; console scripts don't put it on sys.path.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     app()
 
 

@@ -102,7 +102,7 @@ def _find(folder: Path, stem: str) -> Path:
     )
 
 
-def _load_source(p: DataParams, seed: int):
+def _load_source(p: DataParams, seed: int, root: Path):
     """Return (X, y, X_test | None, y_test | None, task)."""
     if isinstance(p, DigitsData):
         from sklearn.datasets import load_digits
@@ -111,7 +111,7 @@ def _load_source(p: DataParams, seed: int):
         X = (d.data.astype(np.float32) / 16.0).reshape(-1, 1, 8, 8)
         return X, d.target.astype(np.int64), None, None, "classification"
     if isinstance(p, MnistData):
-        folder = Path(p.path)
+        folder = root / p.path
         if not folder.is_dir():
             raise InputError(f"data.path {p.path!r} is not a folder: point it at the folder with the four MNIST IDX files")
         imgs = [_read_idx(_find(folder, f"{s}-images-idx3-ubyte")) for s in ("train", "t10k")]
@@ -129,14 +129,24 @@ def _load_source(p: DataParams, seed: int):
         y = (np.tanh(X @ w1) @ w2 + p.noise * rng.standard_normal((p.n_samples, 1))).astype(np.float32)
         return X, y, None, None, "regression"
     if isinstance(p, NpzData):
-        path = Path(p.path)
-        if not path.is_file():
-            raise InputError(f"data.path {p.path!r}: file not found (data.source npz needs an .npz file with arrays X and y)")
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                arrays = {k: z[k] for k in z.files}
-        except Exception as exc:
-            raise InputError(f"data.path {p.path!r} is not a readable .npz file: {exc}") from exc
+        path = root / p.path
+        # A folder is a watched drop zone: every .npz in it, in name order, concatenated
+        # (scheduled retraining picks up new batches dropped there).
+        files = sorted(path.glob("*.npz")) if path.is_dir() else [path]
+        if not files or not files[0].is_file():
+            raise InputError(
+                f"data.path {p.path!r}: no .npz found (data.source npz needs an .npz file, or a folder of them, with arrays X and y)"
+            )
+        parts = []
+        for file in files:
+            try:
+                with np.load(file, allow_pickle=False) as z:
+                    parts.append({k: z[k] for k in z.files})
+            except Exception as exc:
+                raise InputError(f"data.path {p.path!r}: {file.name} is not a readable .npz file: {exc}") from exc
+            if parts[-1].keys() != parts[0].keys():
+                raise InputError(f"data.path {p.path!r}: {file.name} holds {sorted(parts[-1])}, {files[0].name} holds {sorted(parts[0])}; use the same arrays in every file")
+        arrays = {k: np.concatenate([a[k] for a in parts]) for k in parts[0]}
         missing = {"X", "y"} - arrays.keys()
         if missing:
             raise InputError(f"{p.path}: missing array(s) {sorted(missing)}; found {sorted(arrays)}")
@@ -164,9 +174,9 @@ def _load_source(p: DataParams, seed: int):
     raise InputError(f"unknown data source {p!r}")  # pragma: no cover - schema forbids it
 
 
-def prepare(p: DataParams, seed: int) -> Splits:
-    """Load the source and split it reproducibly (``seed``)."""
-    X, y, Xt, yt, task = _load_source(p, seed)
+def prepare(p: DataParams, seed: int, root: Path = Path(".")) -> Splits:
+    """Load the source and split it reproducibly (``seed``); ``p.path`` is relative to ``root``."""
+    X, y, Xt, yt, task = _load_source(p, seed, Path(root))
     rng = np.random.default_rng(seed)
     stratify = task == "classification"
     if Xt is None:

@@ -7,6 +7,7 @@ median of repeated ``torch.utils.benchmark`` measurements.
 from __future__ import annotations
 
 import os
+import platform
 import statistics
 from collections.abc import Mapping
 from pathlib import Path
@@ -36,6 +37,28 @@ def model_file(path: Path, model: nn.Module, header: ModelHeader, root: Path) ->
     )
 
 
+def macs(model: nn.Module, header: ModelHeader) -> int | None:
+    """Multiply-accumulates per example, counted by Torch-Pruning on the float equivalent.
+
+    Zeroed weights still count (dense kernels compute them); structured pruning
+    lowers it. None when the model has layers the counter cannot trace.
+    """
+    import torch_pruning as tp
+
+    try:
+        counted, _ = tp.utils.count_ops_and_params(to_float(model, header).eval(), torch.zeros(1, *header.input_shape))
+    except Exception:  # a user module the op counter cannot run: report no figure rather than fail
+        return None
+    return int(counted)
+
+
+def sparsity_of(model: nn.Module, header: ModelHeader) -> tuple[float, dict[str, float]]:
+    """Share of zeros among prunable weights (global, per layer), quantized variants included."""
+    from shrinkflow.pruning import sparsity
+
+    return sparsity(to_float(model, header))
+
+
 def batch_of(X: torch.Tensor, n: int) -> torch.Tensor:
     """The first ``n`` real inputs, repeated if the split is smaller."""
     reps = -(-n // len(X))
@@ -63,3 +86,14 @@ def latencies_ms(
         return {name: {b: statistics.median(v) for b, v in per.items()} for name, per in samples.items()}
     finally:
         torch.set_num_threads(previous)
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux), else what ``platform`` knows; stated beside every timing."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

@@ -9,7 +9,7 @@ from tasks import Context
 
 
 def run(params: DataParams, ctx: Context) -> DataOutput:
-    splits = data.prepare(params, ctx.seed)
+    splits = data.prepare(params, ctx.seed, ctx.paths.root)
     data.save_splits(splits, ctx.paths.splits)
     return DataOutput(
         source=params.source,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import platform
 
 import torch
 
@@ -12,7 +11,7 @@ from schemas.params import EvaluateParams
 from shrinkflow.artifacts import load_model
 from shrinkflow.data import load_splits
 from shrinkflow.io import write_json, write_text
-from shrinkflow.measure import latencies_ms, model_file
+from shrinkflow.measure import cpu_model, latencies_ms, macs, model_file, sparsity_of
 from shrinkflow.paths import VARIANTS
 from shrinkflow.training import predict, quality
 from tasks import Context
@@ -33,6 +32,10 @@ def _gates(params: EvaluateParams, metrics: dict[str, dict], task: str) -> list[
     if g.min_compression_ratio is not None:
         r = final["compression_ratio"]
         out.append(GateResult(name="min_compression_ratio", limit=g.min_compression_ratio, value=r, passed=r >= g.min_compression_ratio))
+    if g.max_latency_ms is not None:
+        b = min(params.batch_sizes)
+        ms = final[f"latency_ms_b{b}"]
+        out.append(GateResult(name=f"max_latency_ms_b{b}", limit=g.max_latency_ms, value=ms, passed=ms <= g.max_latency_ms))
     return out
 
 
@@ -41,7 +44,7 @@ def render_table(metrics: dict[str, dict]) -> str:
     first = next(iter(metrics.values()))
     quality_key = "accuracy" if "accuracy" in first else "mse"
     batch_sizes = sorted(int(k.removeprefix("latency_ms_b")) for k in first if k.startswith("latency_ms_b"))
-    cols = [quality_key, "agreement", "size_bytes", "compression_ratio", "params", "nonzero_params"]
+    cols = [quality_key, "agreement", "size_bytes", "compression_ratio", "params", "nonzero_params", "sparsity", "macs"]
     for b in batch_sizes:
         cols += [f"latency_ms_b{b}", f"speedup_b{b}"]
     lines = ["| variant | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
@@ -54,16 +57,67 @@ def render_table(metrics: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def _pack_variant(variant: str, model, header, unpacked, ctx: Context):
+    """Pack ``variant`` to models/evaluate/<variant>.sfz and reload it from there.
+
+    Returns the loaded model, its header, the packed file's description and the
+    pack summary (also written to models/evaluate/pack.json).
+    """
+    from shrinkflow.packing import SUFFIX, pack_model
+
+    path = ctx.paths.model_dir("evaluate") / f"{variant}{SUFFIX}"
+    rep = pack_model(model, header, path)
+    loaded, header = load_model(path)
+    summary = {
+        "variant": variant,
+        "path": ctx.paths.rel(path),
+        "size_bytes": rep.size_bytes,
+        "unpacked_path": unpacked.path,
+        "unpacked_size_bytes": unpacked.size_bytes,
+        "breakdown": rep.breakdown,
+        "tensors": rep.tensors,
+    }
+    write_json(path.parent / "pack.json", summary)
+    described = model_file(path, loaded, header, ctx.paths.root)
+    described = described.model_copy(update={"format": f"packed .sfz ({described.format})"})
+    return loaded, header, described, summary
+
+
+def _packed_lines(packed: dict | None) -> list[str]:
+    """Report section: the packed file's size and where its bytes go."""
+    if packed is None:
+        return []
+    total = packed["size_bytes"]
+    rows = [f"| {k} | {v:,} | {100 * v / total:.1f} % |" for k, v in packed["breakdown"].items()]
+    return [
+        f"## Packed file (`{packed['variant']}`)",
+        "",
+        f"`{packed['path']}`: {total:,} bytes (the `.pt` file: {packed['unpacked_size_bytes']:,} bytes, "
+        f"{packed['unpacked_size_bytes'] / total:.1f}× larger). The `{packed['variant']}` row above is measured from it.",
+        "",
+        "| part | bytes | share |",
+        "|---|---|---|",
+        *rows,
+        "",
+    ]
+
+
 def run(params: EvaluateParams, ctx: Context) -> EvaluateOutput:
     splits = load_splits(ctx.paths.splits)
     X, y = splits.tensors("test")
     task = splits.task
     qkey = "accuracy" if task == "classification" else "mse"
-    models, files = {}, {}
+    models, files, structure = {}, {}, {}
+    packed: dict | None = None
     for stage, variant in VARIANTS.items():
         path = ctx.paths.model(stage)
         models[variant], header = load_model(path)
         files[variant] = model_file(path, models[variant], header, ctx.paths.root)
+        if variant == params.pack:
+            models[variant], header, files[variant], packed = _pack_variant(variant, models[variant], header, files[variant], ctx)
+        structure[variant] = {"sparsity": sparsity_of(models[variant], header), "macs": macs(models[variant], header)}
+    if packed is None:  # models/evaluate is a DVC out: say why it holds no packed file
+        write_json(ctx.paths.model_dir("evaluate") / "pack.json", {"variant": None, "reason": f"evaluate.pack: {params.pack}"})
     outputs = {v: predict(m, X) for v, m in models.items()}
     lat = latencies_ms(models, X, params.batch_sizes, threads=params.threads, min_run_time=params.min_run_time)
     metrics: dict[str, dict] = {}
@@ -80,6 +134,9 @@ def run(params: EvaluateParams, ctx: Context) -> EvaluateOutput:
             "size_bytes": files[v].size_bytes,
             "params": files[v].params,
             "nonzero_params": files[v].nonzero_params,
+            "sparsity": structure[v]["sparsity"][0],
+            "layer_sparsity": structure[v]["sparsity"][1],
+            "macs": structure[v]["macs"],
             "format": files[v].format,
             "path": files[v].path,
         }
@@ -95,7 +152,7 @@ def run(params: EvaluateParams, ctx: Context) -> EvaluateOutput:
         [{"variant": v, "size_bytes": m["size_bytes"], "quality": m[qkey], "metric": qkey} for v, m in metrics.items()],
     )
     gates = _gates(params, metrics, task)
-    host = f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {params.threads} thread(s), {os.cpu_count()} CPUs"
+    host = f"{cpu_model()}, torch {torch.__version__}, {params.threads} thread(s), {os.cpu_count()} CPUs"
     gate_lines = [f"- {g.name}: {g.value:.4g} (limit {g.limit:g}) — {'pass' if g.passed else 'FAIL'}" for g in gates] or ["- none configured"]
     report = "\n".join(
         [
@@ -107,6 +164,7 @@ def run(params: EvaluateParams, ctx: Context) -> EvaluateOutput:
             "",
             render_table(metrics),
             "",
+            *_packed_lines(packed),
             f"## Gates (on the final model, `{FINAL}`)",
             *gate_lines,
             "",

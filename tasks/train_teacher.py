@@ -19,9 +19,9 @@ from tasks import Context
 STAGE = "train_teacher"
 
 
-def _import_checkpoint(path: str, header: ModelHeader) -> tuple[torch.nn.Module, ModelHeader]:
+def _import_checkpoint(path: str, header: ModelHeader, root: Path) -> tuple[torch.nn.Module, ModelHeader]:
     """Load a teacher from a shrinkflow model file or a plain state dict, safely."""
-    file = Path(path)
+    file = root / path
     if not file.is_file():
         raise InputError(f"train_teacher.checkpoint {path!r}: file not found")
     try:
@@ -53,7 +53,7 @@ def run(params: TrainTeacherParams, ctx: Context) -> TrainTeacherOutput:
     )
     start = time.perf_counter()
     if params.checkpoint:
-        model, header = _import_checkpoint(params.checkpoint, header)
+        model, header = _import_checkpoint(params.checkpoint, header, ctx.paths.root)
         Xv, yv = splits.tensors("val")
         val = quality(predict(model, Xv), yv, splits.task) if len(Xv) else None
         epochs = 0

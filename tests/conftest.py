@@ -22,6 +22,7 @@ def project_env(extra: dict[str, str] | None = None) -> dict[str, str]:
         PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
         DVC_NO_ANALYTICS="1",
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120",
         TORCHAO_FORCE_SKIP_LOADING_SO_FILES="1",
         GIT_AUTHOR_NAME="shrinkflow tests",
         GIT_AUTHOR_EMAIL="tests@shrinkflow.invalid",

@@ -87,3 +87,9 @@ def test_schema_command_documents_every_field():
     walk(schema, "")
     for name, d in schema["$defs"].items():
         walk(d, name)
+
+
+def test_params_reference_is_current():
+    from shrinkflow.paramdoc import params_reference
+
+    assert (REPO / "docs/params.md").read_text() == params_reference(), "regenerate: shrinkflow params-doc > docs/params.md"
