@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import statistics
 import subprocess
 import sys
@@ -31,27 +30,18 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-PROJECT_FILES = ["dvc.yaml", "params.yaml", "prefect.yaml", "data/raw/README.md", "shrinkflow", "tasks", "schemas", "flows"]
 SMALL = ["train_teacher.epochs=5", "prune.finetune.epochs=1", "distill.epochs=1", "evaluate.min_run_time=0.05"]
 
 
 
 
 def make_project(dest: Path, env: dict[str, str]) -> Path:
-    dest.mkdir(parents=True)
-    for rel in PROJECT_FILES:
-        src = REPO / rel
-        if src.is_dir():
-            shutil.copytree(src, dest / rel, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / rel)
-    (dest / ".gitignore").write_text("/data/prepared/\n/models/\n/reports/\n__pycache__/\n")
+    """A clone of this repository's HEAD with a small training budget, reproduced once."""
+    subprocess.run(["git", "clone", "-q", str(REPO), str(dest)], check=True)
     from shrinkflow.config import apply_to_params_file
 
     apply_to_params_file(dest / "params.yaml", overrides=SMALL)
-    for cmd in (["git", "init", "-q"], [str(BIN / "dvc"), "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-q", "-m", "bench"],
-                [str(BIN / "dvc"), "repro", "-q"]):
+    for cmd in (["git", "commit", "-qam", "bench budget"], [str(BIN / "dvc"), "repro", "-q"]):
         subprocess.run(cmd, cwd=dest, env=env, check=True, capture_output=True)
     return dest
 
