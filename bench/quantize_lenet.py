@@ -87,7 +87,7 @@ def main() -> None:
     X, y = splits.tensors("test")
     result: dict = {
         "host": {"cpu": cpu_model(), "threads": args.threads, "torch": torch.__version__, "python": platform.python_version()},
-        "args": {k: str(v) for k, v in vars(args).items()},
+        "args": {k: str(v) for k, v in vars(args).items() if k not in ("mnist", "out")},  # no local paths
         "data": {"train": len(splits.X_train), "val": len(splits.X_val), "test": len(X)},
     }
     with tempfile.TemporaryDirectory() as tmp:
