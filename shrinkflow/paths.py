@@ -50,6 +50,11 @@ class StagePaths:
         return self.root / "reports" / "live" / stage
 
     @property
+    def sensitivity(self) -> Path:
+        """Folder of the prune stage's per-layer sensitivity analysis."""
+        return self.root / "reports" / "sensitivity"
+
+    @property
     def metrics(self) -> Path:
         return self.root / "reports" / "metrics.json"
 

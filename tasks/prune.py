@@ -28,10 +28,6 @@ from tasks._common import load_upstream, pass_through, val_metric
 STAGE = "prune"
 
 
-def sensitivity_dir(ctx: Context):
-    return ctx.paths.root / "reports" / "sensitivity"
-
-
 def _finetuner(params: PruneParams, splits: Splits, ctx: Context):
     """``finetune(model, epochs, after_step)`` with the section's optimizer, and the teacher's soft targets if asked."""
     ft = params.finetune
@@ -78,10 +74,10 @@ def run(params: PruneParams, ctx: Context) -> PruneOutput:
             table = sens.analyze(model, splits, list(params.sensitivity_sparsities))
             seed_everything(ctx.seed)
         if table is not None and params.sensitivity:
-            sens.write_reports(table, sensitivity_dir(ctx))
-            extra["sensitivity"] = ctx.paths.rel(sensitivity_dir(ctx) / sens.MARKDOWN)
+            sens.write_reports(table, ctx.paths.sensitivity)
+            extra["sensitivity"] = ctx.paths.rel(ctx.paths.sensitivity / sens.MARKDOWN)
         else:
-            sens.write_disabled(sensitivity_dir(ctx))
+            sens.write_disabled(ctx.paths.sensitivity)
         if getattr(params, "allocation", "uniform") == "auto":
             layers = _auto_layers(params, table, model)
             params = params.model_copy(update={"layers": layers})
@@ -95,7 +91,7 @@ def run(params: PruneParams, ctx: Context) -> PruneOutput:
         extra.update(method=params.method, schedule=params.schedule)
     else:
         pass_through(STAGE, ctx)
-        sens.write_disabled(sensitivity_dir(ctx))
+        sens.write_disabled(ctx.paths.sensitivity)
     model, header = load_model(path)
     total, per_layer = sparsity(model)
     return PruneOutput(
