@@ -153,7 +153,9 @@ def main() -> None:
 
     host = {
         "cpu": cpu_model(), "cpus": cpus, "torch": torch.__version__, "python": platform.python_version(),
-        "data": "mnist" if args.mnist else "digits", "overrides": overrides,
+        "data": "mnist" if args.mnist else "digits",
+        # the MNIST folder is a local path: recorded as MNIST_DIR
+        "overrides": [o if not o.startswith("data.path=") else "data.path=MNIST_DIR" for o in overrides],
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"host": host, "results": results, "figures": figures}, indent=2) + "\n")
