@@ -50,6 +50,7 @@ from shrinkflow.measure import cpu_model  # noqa: E402
 from shrinkflow.packing import pack_model  # noqa: E402
 from shrinkflow.pruning import keep_masked, prunable  # noqa: E402
 from shrinkflow.pruning.magnitude import magnitude_prune  # noqa: E402
+from shrinkflow.quantization import QuantEnv  # noqa: E402
 from shrinkflow.training import fit, predict, seed_everything  # noqa: E402
 
 PAPER = {
@@ -134,7 +135,7 @@ def run_config(name: str, cfg: dict, teacher_path: Path, splits, out: Path, args
         bits=None, layer_bits=cfg["bits"],
         finetune=SimpleNamespace(epochs=args.share_epochs, batch_size=128, optimizer=Optimizer(name="sgd", lr=args.ft_lr / 2, momentum=0.9)),
     )
-    env = SimpleNamespace(seed=seed, splits=splits, device=torch.device("cpu"), header=pruned_header, live_dir=None)
+    env = QuantEnv(header=pruned_header, splits=splits, seed=seed)
     qmodel, entry = kmeans.quantize(model, kparams, env)
     shared_header = pruned_header.with_transform(entry.pop("kind"), **entry)
     r_share = pack_model(qmodel, shared_header, out / f"{name}-shared.sfz", entropy=False)

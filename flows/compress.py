@@ -18,8 +18,8 @@ from pydantic import BaseModel
 from flows.dvc_stage import reproduce
 from shrinkflow.config import PARAMS_FILE, apply_to_params_file
 from shrinkflow.paths import STAGES, StagePaths
+from shrinkflow.report import render_table
 from shrinkflow.stages import read_manifest
-from tasks.evaluate import render_table
 
 
 class StageResult(BaseModel):

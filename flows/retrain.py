@@ -41,8 +41,9 @@ from flows.compress import compress
 from schemas.outputs import GateResult
 from shrinkflow.config import PARAMS_FILE, load_params
 from shrinkflow.errors import ShrinkflowError
+from shrinkflow.io import write_text
 from shrinkflow.paths import StagePaths
-from tasks.evaluate import render_table
+from shrinkflow.report import quality_drop, quality_key, render_table
 
 #: GTO artifact names: lowercase letters, digits, dashes (and / for namespaces).
 NAME_PATTERN = r"^[a-z0-9]([a-z0-9-/]*[a-z0-9])?$"
@@ -95,9 +96,6 @@ def refresh_data(root: str) -> DataRefresh:
 # ------------------------------------------------------------------------------ gates
 
 
-def _quality_key(metrics: dict[str, Any]) -> str:
-    return "accuracy" if "accuracy" in metrics else "mse"
-
 
 def production_quality(root: Path, prod, qkey: str) -> tuple[float | None, str]:
     """Score the production model on the current test split; fall back to its recorded metric."""
@@ -136,7 +134,7 @@ def check_gates(root: str, name: str, stage: str, max_regression: float | None) 
     gates = list(evaluation.gates)
     notes: list[str] = []
     final = metrics[evaluation.final_variant]
-    qkey = _quality_key(final)
+    qkey = quality_key(final)
     prod = in_stage(rootp, name, stage)
     if max_regression is not None and prod is not None:
         prod_q, how = production_quality(rootp, prod, qkey)
@@ -144,7 +142,7 @@ def check_gates(root: str, name: str, stage: str, max_regression: float | None) 
             notes.append(f"no-regression gate skipped: {prod.tag} has no {qkey} ({how})")
         else:
             # accuracy: points lost; mse: relative increase. Both must stay <= max_regression.
-            value = prod_q - final[qkey] if qkey == "accuracy" else final[qkey] / max(prod_q, 1e-12) - 1.0
+            value = quality_drop(prod_q, final[qkey], qkey, relative=qkey == "mse")
             gates.append(GateResult(name=f"no_regression_vs_{stage}", limit=max_regression, value=value, passed=value <= max_regression))
             notes.append(f"{stage} model {prod.tag}: {qkey} {prod_q:.4g} ({how}); candidate {final[qkey]:.4g}")
     elif prod is None:
@@ -262,7 +260,7 @@ def retrain(
         create_markdown_artifact(key="retrain-decision", markdown=_decision_markdown(metrics, gates, notes, f"not promoted: {reason}"),
                                  description="Retrain: metrics, gates and decision")
         if overrides:  # a rejected candidate's params edits must not carry into the next scheduled run
-            params_file.write_text(params_before, encoding="utf-8")
+            write_text(params_file, params_before)
         raise GateFailed(f"quality gate(s) failed, production unchanged: {reason}")
     commit_candidate(rootp, model_name)
     published = publish(rootp, remote)

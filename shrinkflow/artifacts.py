@@ -183,6 +183,39 @@ def load_model(path: Path) -> tuple[nn.Module, ModelHeader]:
     return model.eval(), header
 
 
+def load_checkpoint(path: Path, header: ModelHeader, where: str) -> tuple[nn.Module, ModelHeader]:
+    """Import a trained model: a shrinkflow file (``.pt`` / ``.sfz``, its own header) or a
+    plain state dict for ``header``'s architecture, read with ``weights_only=True``.
+
+    Args:
+        where: the params key that named the file, for error messages.
+    """
+    from shrinkflow.packing import is_packed
+    from shrinkflow.quantization._compat import quiet_torch_ao
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{where} {str(path)!r}: file not found")
+    if is_packed(path):
+        return load_model(path)
+    try:
+        with quiet_torch_ao():
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise InputError(
+            f"{where} {str(path)!r} cannot be loaded with weights_only=True ({exc}); "
+            "save it as a plain state dict: torch.save(model.state_dict(), path)"
+        ) from exc
+    if isinstance(payload, dict) and "shrinkflow" in payload:
+        return load_model(path)
+    model = header.build()
+    try:
+        model.load_state_dict(payload)
+    except Exception as exc:
+        raise InputError(f"{where} {str(path)!r} does not fit the model spec ({header.spec}): {exc}") from exc
+    return model.eval(), header
+
+
 def load(path: str | os.PathLike[str]) -> nn.Module:
     """Load a shrinkflow model file (``.pt`` or packed ``.sfz``) for inference: ``shrinkflow.load("models/distill/model.pt")``."""
     return load_model(Path(path))[0]

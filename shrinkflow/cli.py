@@ -76,7 +76,7 @@ def params_doc() -> None:
 def metrics(root: Annotated[Path, typer.Option(help="Project root.")] = Path(".")) -> None:
     """Print reports/metrics.json as a table."""
     from shrinkflow.paths import StagePaths
-    from tasks.evaluate import render_table
+    from shrinkflow.report import render_table
 
     path = StagePaths(root).metrics
     if not path.is_file():
@@ -136,7 +136,7 @@ def run(
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     from flows.compress import compress
     from shrinkflow.paths import StagePaths
-    from tasks.evaluate import render_table
+    from shrinkflow.report import render_table
 
     try:
         results = compress(root=str(root.resolve()), params_file=str(params) if params else None, overrides=set_ or [])
@@ -282,6 +282,7 @@ def export_cmd(
     """Export a model to ONNX (dynamo exporter, one file) and check it against PyTorch."""
     from shrinkflow.artifacts import load_model
     from shrinkflow.export import check_onnx, export_onnx
+    from shrinkflow.paths import StagePaths
 
     try:
         net, header = load_model(model)
@@ -289,7 +290,7 @@ def export_cmd(
     except ShrinkflowError as exc:
         _fail(exc)
     typer.echo(f"{out}: {info['size_bytes']:,} bytes, exported {info['exported_as']}")
-    splits_path = Path("data/prepared/splits.npz")
+    splits_path = StagePaths(Path.cwd()).splits
     if check and splits_path.is_file():
         from shrinkflow.data import load_splits
 

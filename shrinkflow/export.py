@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from shrinkflow.artifacts import ModelHeader, _float_index, load_model, to_float
+from shrinkflow.artifacts import ModelHeader, _float_index, to_float
 from shrinkflow.errors import InputError
 from shrinkflow.io import atomic_path
 from shrinkflow.measure import batch_of
@@ -161,8 +161,3 @@ def check_onnx(
         torch.set_num_threads(previous)
     return result
 
-
-def export_file(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, int8: bool = False) -> dict[str, Any]:
-    """Export a shrinkflow model file (``.pt`` or packed ``.sfz``) to ONNX."""
-    model, header = load_model(Path(src))
-    return export_onnx(model, header, dst, int8=int8)

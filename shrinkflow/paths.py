@@ -24,6 +24,8 @@ VARIANTS: dict[str, str] = {
 UPSTREAM: dict[str, str] = {"prune": "train_teacher", "quantize": "prune", "distill": "quantize"}
 
 MODEL_FILE = "model.pt"
+#: Extension of packed (Deep Compression) model files.
+PACKED_SUFFIX = ".sfz"
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,14 @@ class StagePaths:
     def live(self, stage: str) -> Path:
         """dvclive folder with the stage's per-epoch curves."""
         return self.root / "reports" / "live" / stage
+
+    def packed(self, variant: str) -> Path:
+        """The packed (.sfz) file evaluate writes for ``variant``."""
+        return self.model_dir("evaluate") / f"{variant}{PACKED_SUFFIX}"
+
+    @property
+    def pack_summary(self) -> Path:
+        return self.model_dir("evaluate") / "pack.json"
 
     @property
     def sensitivity(self) -> Path:

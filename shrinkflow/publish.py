@@ -19,13 +19,11 @@ from shrinkflow.errors import ShrinkflowError
 class Published:
     remote: str | None
     files: int
-    git_pushed: bool
 
     def describe(self) -> str:
         if self.remote is None:
             return "not published: no DVC remote configured (dvc remote add -d NAME URL)"
-        git = ", git commit and tags pushed to origin" if self.git_pushed else ""
-        return f"pushed {self.files} file(s) and the run-cache to DVC remote {self.remote!r}{git}"
+        return f"pushed {self.files} file(s) and the run-cache to DVC remote {self.remote!r}"
 
 
 def default_remote(root: Path) -> str | None:
@@ -44,7 +42,7 @@ def push_outputs(root: Path, remote: str | None = None) -> Published:
     root = Path(root)
     remote = remote or default_remote(root)
     if remote is None:
-        return Published(remote=None, files=0, git_pushed=False)
+        return Published(remote=None, files=0)
     with contextlib.chdir(root), Repo(str(root)) as repo:  # DVC resolves paths against the cwd
         if remote not in repo.config.get("remote", {}):
             known = ", ".join(repo.config.get("remote", {})) or "none"
@@ -53,7 +51,7 @@ def push_outputs(root: Path, remote: str | None = None) -> Published:
             files = repo.push(remote=remote, run_cache=True)
         except NoRemoteError as exc:  # pragma: no cover - checked above
             raise ShrinkflowError(str(exc)) from exc
-    return Published(remote=remote, files=int(files or 0), git_pushed=False)
+    return Published(remote=remote, files=int(files or 0))
 
 
 def push_git(root: Path, git_remote: str = "origin") -> bool:

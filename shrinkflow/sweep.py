@@ -43,6 +43,7 @@ from schemas.sweep import AutoSearch, Criterion, GridSearch, RandomSearch, Range
 from shrinkflow.config import PARAMS_FILE, apply_to_params_file, format_validation_error, load_params
 from shrinkflow.errors import InputError, ParamsError
 from shrinkflow.io import write_json, write_text
+from shrinkflow.report import quality_drop, quality_key
 
 #: Params sections the shared prefix (data → train_teacher) depends on, as dvc.yaml lists them.
 PREFIX_SECTIONS = ("seed", "device", "data", "train_teacher")
@@ -117,16 +118,6 @@ def random_points(space: dict[str, list[Any] | Range], n: int, seed: int) -> lis
 
 
 # ------------------------------------------------------------------ criterion / objective
-
-
-def quality_key(metrics: dict[str, Any]) -> str:
-    return "accuracy" if "accuracy" in metrics else "mse"
-
-
-def quality_drop(teacher: float, final: float, key: str, relative: bool) -> float:
-    """Quality lost vs the teacher: accuracy points lost, or MSE gained; relative divides by the teacher's."""
-    drop = teacher - final if key == "accuracy" else final - teacher
-    return drop / max(abs(teacher), 1e-12) if relative else drop
 
 
 def objective_column(objective: str) -> str:

@@ -13,6 +13,7 @@ from shrinkflow.data import load_splits
 from shrinkflow.io import write_json, write_text
 from shrinkflow.measure import cpu_model, latencies_ms, macs, model_file, sparsity_of
 from shrinkflow.paths import VARIANTS
+from shrinkflow.report import quality_drop, render_table
 from shrinkflow.training import predict, quality
 from tasks import Context
 
@@ -24,7 +25,7 @@ def _gates(params: EvaluateParams, metrics: dict[str, dict], task: str) -> list[
     g = params.gates
     out: list[GateResult] = []
     if g.max_accuracy_drop is not None and task == "classification":
-        drop = teacher["accuracy"] - final["accuracy"]
+        drop = quality_drop(teacher["accuracy"], final["accuracy"], "accuracy")
         out.append(GateResult(name="max_accuracy_drop", limit=g.max_accuracy_drop, value=drop, passed=drop <= g.max_accuracy_drop))
     if g.max_mse_ratio is not None and task == "regression":
         ratio = final["mse"] / max(teacher["mse"], 1e-12)
@@ -39,33 +40,15 @@ def _gates(params: EvaluateParams, metrics: dict[str, dict], task: str) -> list[
     return out
 
 
-def render_table(metrics: dict[str, dict]) -> str:
-    """A markdown table of metrics.json (also printed by ``shrinkflow metrics``)."""
-    first = next(iter(metrics.values()))
-    quality_key = "accuracy" if "accuracy" in first else "mse"
-    batch_sizes = sorted(int(k.removeprefix("latency_ms_b")) for k in first if k.startswith("latency_ms_b"))
-    cols = [quality_key, "agreement", "size_bytes", "compression_ratio", "params", "nonzero_params", "sparsity", "macs"]
-    for b in batch_sizes:
-        cols += [f"latency_ms_b{b}", f"speedup_b{b}"]
-    lines = ["| variant | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    for name, m in metrics.items():
-        cells = []
-        for c in cols:
-            v = m.get(c)
-            cells.append(f"{v:,}" if isinstance(v, int) else f"{v:.4g}" if isinstance(v, float) else "–")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def _pack_variant(variant: str, model, header, unpacked, ctx: Context):
     """Pack ``variant`` to models/evaluate/<variant>.sfz and reload it from there.
 
     Returns the loaded model, its header, the packed file's description and the
     pack summary (also written to models/evaluate/pack.json).
     """
-    from shrinkflow.packing import SUFFIX, pack_model
+    from shrinkflow.packing import pack_model
 
-    path = ctx.paths.model_dir("evaluate") / f"{variant}{SUFFIX}"
+    path = ctx.paths.packed(variant)
     rep = pack_model(model, header, path)
     loaded, header = load_model(path)
     summary = {
@@ -77,7 +60,7 @@ def _pack_variant(variant: str, model, header, unpacked, ctx: Context):
         "breakdown": rep.breakdown,
         "tensors": rep.tensors,
     }
-    write_json(path.parent / "pack.json", summary)
+    write_json(ctx.paths.pack_summary, summary)
     described = model_file(path, loaded, header, ctx.paths.root)
     described = described.model_copy(update={"format": f"packed .sfz ({described.format})"})
     return loaded, header, described, summary
@@ -117,7 +100,7 @@ def run(params: EvaluateParams, ctx: Context) -> EvaluateOutput:
             models[variant], header, files[variant], packed = _pack_variant(variant, models[variant], header, files[variant], ctx)
         structure[variant] = {"sparsity": sparsity_of(models[variant], header), "macs": macs(models[variant], header)}
     if packed is None:  # models/evaluate is a DVC out: say why it holds no packed file
-        write_json(ctx.paths.model_dir("evaluate") / "pack.json", {"variant": None, "reason": f"evaluate.pack: {params.pack}"})
+        write_json(ctx.paths.pack_summary, {"variant": None, "reason": f"evaluate.pack: {params.pack}"})
     outputs = {v: predict(m, X) for v, m in models.items()}
     lat = latencies_ms(models, X, params.batch_sizes, threads=params.threads, min_run_time=params.min_run_time)
     metrics: dict[str, dict] = {}

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import torch
-from torch import nn
-
 from schemas.outputs import QuantizeOutput
 from schemas.params import QuantizeParams
 from shrinkflow.artifacts import load_model, save_model, to_float
 from shrinkflow.data import load_splits
 from shrinkflow.errors import ShrinkflowError
-from shrinkflow.measure import model_file
-from shrinkflow.pruning import prunable, sparsity
+from shrinkflow.measure import model_file, sparsity_of
+from shrinkflow.pruning import masks_from_zeros
 from shrinkflow.quantization import QUANTIZERS, QuantEnv
 from shrinkflow.training import resolve_device, seed_everything
 from tasks import Context
@@ -26,8 +23,7 @@ def run(params: QuantizeParams, ctx: Context) -> QuantizeOutput:
     if params.enabled:
         seed_everything(ctx.seed)
         model, header = load_upstream(STAGE, ctx)
-        float_in = to_float(model, header)
-        pruned = _zero_masks(float_in)
+        kept = masks_from_zeros(to_float(model, header))
         # No per-epoch curves (live_dir=None): most methods do not train, and DVC
         # would then miss a declared curves folder.
         env = QuantEnv(splits=splits, header=header, seed=ctx.seed, device=resolve_device(ctx.device))
@@ -37,10 +33,10 @@ def run(params: QuantizeParams, ctx: Context) -> QuantizeOutput:
     else:
         pass_through(STAGE, ctx)
     model, header = load_model(path)
-    total, _ = sparsity(to_float(model, header))
+    total, _ = sparsity_of(model, header)
     if params.enabled:
-        after = _zero_masks(to_float(model, header))
-        lost = sum(int((m & ~after[k]).sum()) for k, m in pruned.items())
+        after = masks_from_zeros(to_float(model, header))
+        lost = sum(int((~m & after[k]).sum()) for k, m in kept.items())
         if lost:  # a quantizer must never fill in pruned weights
             raise ShrinkflowError(f"quantize.method {params.method} turned {lost} pruned zeros into non-zero weights")
     return QuantizeOutput(
@@ -51,6 +47,3 @@ def run(params: QuantizeParams, ctx: Context) -> QuantizeOutput:
         val_metric=val_metric(model, splits) if splits is not None else None,
     )
 
-
-def _zero_masks(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: (w == 0) for k, w in prunable(model).items()}

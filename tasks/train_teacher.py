@@ -3,44 +3,18 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
-
-import torch
 
 from schemas.outputs import TrainTeacherOutput
 from schemas.params import TrainTeacherParams
-from shrinkflow.artifacts import ModelHeader, load_model, save_model
+from shrinkflow.artifacts import ModelHeader, load_checkpoint, save_model
 from shrinkflow.data import Splits, load_splits
 from shrinkflow.errors import InputError
 from shrinkflow.measure import model_file
-from shrinkflow.training import fit, predict, quality, resolve_device, seed_everything
+from shrinkflow.training import fit, resolve_device, seed_everything
 from tasks import Context
+from tasks._common import val_metric
 
 STAGE = "train_teacher"
-
-
-def _import_checkpoint(path: str, header: ModelHeader, root: Path) -> tuple[torch.nn.Module, ModelHeader]:
-    """Load a teacher from a shrinkflow model file or a plain state dict, safely."""
-    file = root / path
-    if not file.is_file():
-        raise InputError(f"train_teacher.checkpoint {path!r}: file not found")
-    try:
-        payload = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise InputError(
-            f"train_teacher.checkpoint {path!r} cannot be loaded with weights_only=True ({exc}); "
-            "save it as a plain state dict: torch.save(model.state_dict(), path)"
-        ) from exc
-    if isinstance(payload, dict) and "shrinkflow" in payload:
-        return load_model(file)
-    model = header.build()
-    try:
-        model.load_state_dict(payload)
-    except Exception as exc:
-        raise InputError(
-            f"train_teacher.checkpoint {path!r} does not fit train_teacher.model ({header.spec}): {exc}"
-        ) from exc
-    return model, header
 
 
 def run(params: TrainTeacherParams, ctx: Context) -> TrainTeacherOutput:
@@ -53,10 +27,8 @@ def run(params: TrainTeacherParams, ctx: Context) -> TrainTeacherOutput:
     )
     start = time.perf_counter()
     if params.checkpoint:
-        model, header = _import_checkpoint(params.checkpoint, header, ctx.paths.root)
-        Xv, yv = splits.tensors("val")
-        val = quality(predict(model, Xv), yv, splits.task) if len(Xv) else None
-        epochs = 0
+        model, header = load_checkpoint(ctx.paths.root / params.checkpoint, header, "train_teacher.checkpoint")
+        val, epochs = val_metric(model, splits), 0
     else:
         seed_everything(ctx.seed)
         try:

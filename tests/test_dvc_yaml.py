@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import yaml
-
 from conftest import REPO
+
 from schemas.params import Params
 from shrinkflow.paths import STAGES, VARIANTS, StagePaths
 

@@ -6,8 +6,7 @@
 
 from shrinkflow.packing.codec import PackReport, load_packed, pack_file, pack_model, read_packed
 from shrinkflow.packing.container import MAGIC, VERSION, PackedFormatError, is_packed
-
-SUFFIX = ".sfz"
+from shrinkflow.paths import PACKED_SUFFIX as SUFFIX
 
 __all__ = [
     "MAGIC",

@@ -25,8 +25,6 @@ PRUNERS: dict[str, Callable[..., dict[str, torch.Tensor]]] = {
     "random": random_prune,
 }
 
-#: Methods that remove neurons/channels instead of zeroing weights.
-STRUCTURED = {"structured"}
 
 
 def prunable(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -64,4 +62,4 @@ def sparsity(model: nn.Module) -> tuple[float, dict[str, float]]:
     return (zeros / n if n else 0.0), per
 
 
-__all__ = ["PRUNERS", "STRUCTURED", "prunable", "masks_from_zeros", "keep_masked", "sparsity"]
+__all__ = ["PRUNERS", "prunable", "masks_from_zeros", "keep_masked", "sparsity"]

@@ -8,7 +8,6 @@ sparsities that meet a global target.
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -156,6 +155,3 @@ def write_disabled(out_dir: Path) -> None:
         (out_dir / name).unlink(missing_ok=True)
     write_text(out_dir / MARKDOWN, "Sensitivity analysis is off: set `prune.sensitivity: true` or run `shrinkflow sensitivity`.\n")
 
-
-def load_table(out_dir: Path) -> dict[str, Any]:
-    return json.loads((Path(out_dir) / JSON).read_text(encoding="utf-8"))

@@ -105,13 +105,6 @@ def _rebuild(model: nn.Module, entry: dict[str, Any], header: ModelHeader) -> nn
     return model
 
 
-def channel_counts(model: nn.Module) -> dict[str, int]:
-    """Output neurons/channels of every Linear/Conv layer (to report what structured pruning removed)."""
-    return {
-        name: int(m.weight.shape[0]) for name, m in model.named_modules() if isinstance(m, _ROOTS)
-    }
-
-
 # A pruned model is an ordinary float model of smaller layers: no to_float needed,
 # and training it cannot undo the change, so no constraint either.
 register_transform(KIND, Transform(rebuild=_rebuild))

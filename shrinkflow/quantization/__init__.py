@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,11 +28,10 @@ from shrinkflow.quantization.kmeans import codebooks
 class QuantEnv:
     """What a handler may need besides the model and its params."""
 
+    header: ModelHeader
     splits: Splits | None = None
-    header: ModelHeader | None = None
     seed: int = 0
     device: torch.device = torch.device("cpu")
-    live_dir: Path | None = None
 
 
 #: method name → handler(model, params, env) -> (quantized model, transform entry)

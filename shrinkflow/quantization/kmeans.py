@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from shrinkflow.artifacts import ModelHeader, Transform, register_transform
+from shrinkflow.artifacts import ModelHeader, Transform, keep_constraints, register_transform
 from shrinkflow.errors import ParamsError
 
 KIND = "kmeans"
@@ -214,7 +214,7 @@ def quantize(model: nn.Module, params: Any, env: Any = None) -> tuple[nn.Module,
         params: a ``schemas.quantize.KMeansQuant``.
         env: a ``shrinkflow.quantization.QuantEnv`` (data for fine-tuning).
     """
-    seed = getattr(env, "seed", 0)
+    seed = env.seed if env is not None else 0
     fmodel = copy.deepcopy(model).eval()
     layers = shareable_layers(fmodel, params.bits, dict(params.layer_bits))
     if not layers:
@@ -228,19 +228,11 @@ def quantize(model: nn.Module, params: Any, env: Any = None) -> tuple[nn.Module,
         from shrinkflow.training import fit
 
         trainable = _to_float(qmodel, copy.deepcopy(model))
-        hooks = [tie_hook(trainable, layers)]
-        if env.header is not None and env.header.masked:
-            from shrinkflow.pruning import keep_masked, masks_from_zeros
-
-            hooks.insert(0, keep_masked(masks_from_zeros(trainable)))
-
-        def after_step(m: nn.Module) -> None:
-            for h in hooks:
-                h(m)
-
+        # pruned zeros stay zero and weights stay tied to their centroids (this transform's `constrain`)
+        after_step = keep_constraints(trainable, env.header.with_transform(KIND, layers=layers))
         fit(
             trainable, env.splits, epochs=ft.epochs, batch_size=ft.batch_size, optimizer=ft.optimizer,
-            seed=seed, device=env.device, where="quantize.finetune", after_step=after_step, live_dir=env.live_dir,
+            seed=seed, device=env.device, where="quantize.finetune", after_step=after_step,
         )
         qmodel = _reapply(trainable, entry, None)
     return qmodel, entry

@@ -46,7 +46,7 @@ from torch.ao.quantization.observer import (
     PerChannelMinMaxObserver,
 )
 
-from shrinkflow.artifacts import ModelHeader, Transform, register_transform
+from shrinkflow.artifacts import ModelHeader, Transform, keep_constraints, register_transform
 from shrinkflow.errors import ParamsError
 from shrinkflow.quantization._compat import quiet_torch_ao
 
@@ -209,19 +209,15 @@ def quantize_qat(model: nn.Module, params: Any, env: Any) -> tuple[nn.Module, di
     X, _ = env.splits.tensors("train")
     cfg = qconfig(params.bits, params.per_channel, qat=True)
     prepared = prepare(copy.deepcopy(model), _example(list(X.shape[1:])), cfg, qat=True)
-    after_step = None
-    if env.header is not None and env.header.masked:
-        # Fake-quantized weights of zero stay zero (symmetric), but training would
-        # move the float zeros: keep them pruned.
-        from shrinkflow.pruning import keep_masked, masks_from_zeros
-
-        after_step = keep_masked(masks_from_zeros(prepared))
+    # Fake-quantized weights of zero stay zero (symmetric), but training would move
+    # the float zeros: keep them pruned.
+    after_step = keep_constraints(prepared, env.header)
     ft = params.finetune
     with _quiet():
         fit(
             prepared, env.splits, epochs=ft.epochs, batch_size=ft.batch_size, optimizer=ft.optimizer,
             seed=env.seed, device=torch.device("cpu"),  # fake-quant observers are placed on CPU by prepare
-            where="quantize.finetune", after_step=after_step, live_dir=env.live_dir,
+            where="quantize.finetune", after_step=after_step,
         )
     qmodel = clamp_to_bits(convert(prepared), params.bits)
     return qmodel, _entry(params, qmodel, qat=True)

@@ -1,0 +1,33 @@
+"""Reading reports/metrics.json: the quality metric of a task and the variants table."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def quality_key(metrics: dict[str, Any]) -> str:
+    """``accuracy`` for classification metrics, ``mse`` for regression."""
+    return "accuracy" if "accuracy" in metrics else "mse"
+
+
+def quality_drop(teacher: float, final: float, key: str, relative: bool = False) -> float:
+    """Quality lost vs the teacher: accuracy points lost, or MSE gained; relative divides by the teacher's."""
+    drop = teacher - final if key == "accuracy" else final - teacher
+    return drop / max(abs(teacher), 1e-12) if relative else drop
+
+
+def render_table(metrics: dict[str, dict]) -> str:
+    """A markdown table of metrics.json (printed by ``shrinkflow metrics`` and ``shrinkflow run``)."""
+    first = next(iter(metrics.values()))
+    batch_sizes = sorted(int(k.removeprefix("latency_ms_b")) for k in first if k.startswith("latency_ms_b"))
+    cols = [quality_key(first), "agreement", "size_bytes", "compression_ratio", "params", "nonzero_params", "sparsity", "macs"]
+    for b in batch_sizes:
+        cols += [f"latency_ms_b{b}", f"speedup_b{b}"]
+    lines = ["| variant | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for name, m in metrics.items():
+        cells = []
+        for c in cols:
+            v = m.get(c)
+            cells.append(f"{v:,}" if isinstance(v, int) else f"{v:.4g}" if isinstance(v, float) else "–")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
