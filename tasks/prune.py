@@ -11,6 +11,7 @@ import math
 
 from schemas.outputs import PruneOutput
 from schemas.params import PruneParams
+from schemas.prune import MagnitudePrune, RandomPrune
 from shrinkflow.artifacts import load_model, save_model
 from shrinkflow.data import Splits, load_splits
 from shrinkflow.distillation import logits_loss, regression_loss
@@ -70,7 +71,8 @@ def run(params: PruneParams, ctx: Context) -> PruneOutput:
         extra["teacher_params"] = count_params(model)[0]
         extra["teacher_macs"] = macs(model, header)
         table = None
-        if params.sensitivity or getattr(params, "allocation", "uniform") == "auto":
+        auto = isinstance(params, MagnitudePrune | RandomPrune) and params.allocation == "auto"
+        if params.sensitivity or auto:
             table = sens.analyze(model, splits, list(params.sensitivity_sparsities))
             seed_everything(ctx.seed)
         if table is not None and params.sensitivity:
@@ -78,7 +80,7 @@ def run(params: PruneParams, ctx: Context) -> PruneOutput:
             extra["sensitivity"] = ctx.paths.rel(ctx.paths.sensitivity / sens.MARKDOWN)
         else:
             sens.write_disabled(ctx.paths.sensitivity)
-        if getattr(params, "allocation", "uniform") == "auto":
+        if auto:
             layers = _auto_layers(params, table, model)
             params = params.model_copy(update={"layers": layers})
             extra["allocation"] = layers

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 
 from shrinkflow.artifacts import ModelHeader
 from shrinkflow.export import check_onnx, export_onnx
+from tests.toy_models import prune_structurally
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
@@ -36,14 +35,10 @@ def test_fp32_lenet_parity(tmp_path, X):
 
 
 def test_structured_pruned_parity(tmp_path, X):
-    structured = pytest.importorskip("shrinkflow.pruning.structured")
     h = _header({"arch": "mlp", "hidden": [40, 20]})
     torch.manual_seed(0)
     model = h.build().eval()
-    params = SimpleNamespace(layers={}, skip=[], norm=2, sparsity=0.5, scope="layer", max_layer_sparsity=0.9)
-    pruner = structured.StructuredPruner(model, params, h.input_shape)
-    pruner.step()
-    hs = h.with_transform(**pruner.entry())
+    hs = prune_structurally(model, h)
     info = export_onnx(model, hs, tmp_path / "s.onnx")
     assert info["exported_as"].startswith("as is")
     res = check_onnx(info["path"], model, X, batch_sizes=(3,), repeats=3)

@@ -5,18 +5,21 @@ from __future__ import annotations
 import copy
 import pickle
 import struct
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
 import shrinkflow
+from schemas.common import Finetune
+from schemas.quantize import KMeansQuant
 from shrinkflow.artifacts import STORAGES, ModelHeader, load_model, save_model
 from shrinkflow.errors import InputError
 from shrinkflow.packing import PackedFormatError, huffman, is_packed, load_packed, pack_file, pack_model, read_packed
 from shrinkflow.packing.codec import positions_from_relative, relative_indices
 from shrinkflow.packing.container import VERSION
+from shrinkflow.quantization import kmeans, static
+from tests.toy_models import prune_structurally
 
 
 def _header(spec=None, shape=(1, 8, 8)) -> ModelHeader:
@@ -81,9 +84,8 @@ def test_dynamic_int8_round_trip_keeps_the_integers(tmp_path, x):
 
 
 def test_kmeans_shared_round_trip_and_codebook(tmp_path, x):
-    kmeans = pytest.importorskip("shrinkflow.quantization.kmeans")
     h = _header()
-    params = SimpleNamespace(bits=4, layer_bits={}, finetune=SimpleNamespace(epochs=0))
+    params = KMeansQuant(bits=4, finetune=Finetune(epochs=0))
     q, entry = kmeans.quantize(_pruned(h), params)
     hq = h.with_transform(entry.pop("kind"), **entry)
     rep = pack_model(q, hq, tmp_path / "k.sfz")
@@ -93,13 +95,9 @@ def test_kmeans_shared_round_trip_and_codebook(tmp_path, x):
 
 
 def test_structured_pruned_layers_are_stored_small(tmp_path, x):
-    structured = pytest.importorskip("shrinkflow.pruning.structured")
     h = _header()
     model = h.build().eval()
-    params = SimpleNamespace(layers={}, skip=[], norm=2, sparsity=0.5, scope="layer", max_layer_sparsity=0.9)
-    pruner = structured.StructuredPruner(model, params, h.input_shape)
-    pruner.step()
-    hs = h.with_transform(**pruner.entry())
+    hs = prune_structurally(model, h)
     rep = pack_model(model, hs, tmp_path / "s.sfz")
     shapes = {t["name"]: t["shape"] for t in rep.tensors}
     assert shapes["net.1.weight"][0] < 48
@@ -272,7 +270,6 @@ def test_any_state_tensor_round_trips(tensor):
 
 def test_static_int8_per_channel_round_trip_stores_integers(tmp_path, x):
     """FX static int8 (per-channel scales): the integers are stored, not >256 distinct floats."""
-    static = pytest.importorskip("shrinkflow.quantization.static")
     from schemas.quantize import StaticQuant
     from shrinkflow.data import Splits
     from shrinkflow.quantization import QuantEnv

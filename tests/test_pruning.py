@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import warnings
-from types import SimpleNamespace
 
 import pytest
 import torch
 from conftest import REPO
 from torch import nn
 
+from schemas.prune import MagnitudePrune, StructuredPrune
 from shrinkflow.artifacts import ModelHeader, load_model, read_model_file, save_model
 from shrinkflow.errors import ParamsError
 from shrinkflow.measure import macs
@@ -28,11 +28,11 @@ RESNET = ModelHeader(
 
 
 def unstructured(sparsity=0.8, scope="global", layers=None, skip=None):
-    return SimpleNamespace(sparsity=sparsity, scope=scope, layers=layers or {}, skip=skip or [])
+    return MagnitudePrune(sparsity=sparsity, scope=scope, layers=layers or {}, skip=skip or [])
 
 
 def structured(sparsity=0.5, scope="layer", layers=None, skip=None):
-    return SimpleNamespace(sparsity=sparsity, scope=scope, layers=layers or {}, skip=skip or [], norm=2, max_layer_sparsity=0.9)
+    return StructuredPrune(method="structured", sparsity=sparsity, scope=scope, layers=layers or {}, skip=skip or [])
 
 
 @pytest.fixture

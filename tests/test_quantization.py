@@ -8,7 +8,6 @@ from __future__ import annotations
 import copy
 import math
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,6 +15,7 @@ import torch.nn.functional as F
 
 from schemas.common import Finetune, Optimizer
 from schemas.data import DigitsData
+from schemas.prune import MagnitudePrune
 from schemas.quantize import DynamicQuant, KMeansQuant, QATQuant, StaticQuant
 from shrinkflow.artifacts import ModelHeader, from_float, keep_constraints, load_model, save_model, to_float
 from shrinkflow.config import load_params
@@ -57,7 +57,7 @@ def mlp(digits):
 @pytest.fixture(scope="module")
 def pruned_mlp(mlp, digits):
     model, header = copy.deepcopy(mlp[0]), mlp[1]
-    magnitude_prune(model, SimpleNamespace(scope="global", sparsity=0.8))
+    magnitude_prune(model, MagnitudePrune(scope="global", sparsity=0.8))
     return model, header.model_copy(update={"masked": True})
 
 

@@ -33,3 +33,14 @@ class ResNetTiny(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.flatten(self.pool(self.blocks(self.stem(x))), 1))
+
+
+def prune_structurally(model: nn.Module, header):
+    """Remove half of every hidden layer's neurons/channels in place with the real
+    ``structured`` handler; return the header whose transform rebuilds the result."""
+    from schemas.prune import StructuredPrune
+    from shrinkflow.pruning.structured import StructuredPruner
+
+    pruner = StructuredPruner(model, StructuredPrune(method="structured"), header.input_shape)
+    pruner.step()
+    return header.with_transform(**pruner.entry())

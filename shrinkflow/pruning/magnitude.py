@@ -41,7 +41,22 @@ def _matches(name: str, patterns: Any) -> list[str]:
     return [p for p in patterns if fnmatchcase(name, p)]
 
 
-def layer_targets(names: list[str], params: Any, where: str = "prune") -> tuple[dict[str, float], list[str]]:
+def check_patterns(names: list[str], layers: dict[str, float], skip: list[str]) -> None:
+    """Every ``prune.layers`` / ``prune.skip`` pattern must match a prunable layer.
+
+    Raises:
+        ParamsError: naming the pattern and the layers there are.
+    """
+    for key, patterns in (("layers", layers), ("skip", skip)):
+        for p in patterns:
+            if not any(fnmatchcase(n, p) for n in names):
+                raise ParamsError(
+                    f"prune.{key}: pattern {p!r} matches no prunable layer; the layers are: {', '.join(names)} "
+                    "(shell-style patterns on module names, e.g. 'net.*')"
+                )
+
+
+def layer_targets(names: list[str], params: Any) -> tuple[dict[str, float], list[str]]:
     """Split layers into fixed per-layer targets and the pool that shares ``params.sparsity``.
 
     Args:
@@ -55,15 +70,8 @@ def layer_targets(names: list[str], params: Any, where: str = "prune") -> tuple[
     Raises:
         ParamsError: a pattern in ``layers`` or ``skip`` matches no layer.
     """
-    layers: dict[str, float] = dict(getattr(params, "layers", {}) or {})
-    skip: list[str] = list(getattr(params, "skip", []) or [])
-    for key, patterns in (("layers", layers), ("skip", skip)):
-        for p in patterns:
-            if not any(fnmatchcase(n, p) for n in names):
-                raise ParamsError(
-                    f"{where}.{key}: pattern {p!r} matches no prunable layer; the layers are: {', '.join(names)} "
-                    "(shell-style patterns on module names, e.g. 'net.*')"
-                )
+    layers, skip = dict(params.layers), list(params.skip)
+    check_patterns(names, layers, skip)
     fixed: dict[str, float] = {}
     pool: list[str] = []
     for n in names:
@@ -72,7 +80,7 @@ def layer_targets(names: list[str], params: Any, where: str = "prune") -> tuple[
         hits = _matches(n, layers)
         if hits:
             fixed[n] = float(layers[hits[-1]])  # the last matching pattern wins, as in params order
-        elif getattr(params, "scope", "layer") == "layer":
+        elif params.scope == "layer":
             fixed[n] = float(params.sparsity)
         else:
             pool.append(n)
@@ -93,7 +101,7 @@ def _prune_lowest(scores: list[torch.Tensor], k: int) -> list[torch.Tensor]:
 
 
 def prune_by_scores(
-    model: nn.Module, params: Any, score: Any, amount: float = 1.0, where: str = "prune"
+    model: nn.Module, params: Any, score: Any, amount: float = 1.0
 ) -> dict[str, torch.Tensor]:
     """Zero the lowest-scoring weights in place to each layer's target × ``amount``.
 
@@ -108,7 +116,7 @@ def prune_by_scores(
 
     weights = prunable(model)
     by_layer = {layer_name(k): k for k in weights}
-    fixed, pool = layer_targets(list(by_layer), params, where)
+    fixed, pool = layer_targets(list(by_layer), params)
     masks = {k: torch.ones_like(w, dtype=torch.bool) for k, w in weights.items()}
     with torch.no_grad():
         groups = [([by_layer[n]], s) for n, s in fixed.items()]

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 from torch import nn
 
+from schemas.prune import MagnitudePrune
 from shrinkflow.data import Splits
 from shrinkflow.errors import InputError
 from shrinkflow.io import write_json, write_text
@@ -47,7 +47,7 @@ def analyze(model: nn.Module, splits: Splits, sparsities: list[float], method: s
         row: dict[str, float] = {}
         for s in sparsities:
             trial = copy.deepcopy(model)
-            params = SimpleNamespace(sparsity=s, scope="layer", layers={}, skip=[n for n in map(layer_name, prunable(trial)) if n != name])
+            params = MagnitudePrune(sparsity=s, scope="layer", skip=[n for n in map(layer_name, prunable(trial)) if n != name])
             PRUNERS[method](trial, params)
             row[f"{s:g}"] = quality(predict(trial, X), y, splits.task)
         table[name] = {"params": int(w.numel()), "quality": row}

@@ -21,8 +21,7 @@ import torch
 from torch import nn
 
 from shrinkflow.artifacts import ModelHeader, Transform, register_transform
-from shrinkflow.errors import ParamsError
-from shrinkflow.pruning.magnitude import layer_name
+from shrinkflow.pruning.magnitude import check_patterns
 
 KIND = "structured-prune"
 _ROOTS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -60,15 +59,8 @@ class StructuredPruner:
         self.input_shape = list(input_shape)
         ex = example_input(self.input_shape)
         modules = {name: m for name, m in model.named_modules() if isinstance(m, _ROOTS)}
-        names = [layer_name(f"{n}.weight" if n else "weight") for n in modules]
-        layers: dict[str, float] = dict(getattr(params, "layers", None) or {})
-        skip: list[str] = list(getattr(params, "skip", None) or [])
-        for key, patterns in (("layers", layers), ("skip", skip)):
-            for p in patterns:
-                if not any(fnmatchcase(n, p) for n in names):
-                    raise ParamsError(
-                        f"prune.{key}: pattern {p!r} matches no prunable layer; the layers are: {', '.join(names)}"
-                    )
+        layers, skip = dict(params.layers), list(params.skip)
+        check_patterns(list(modules), layers, skip)
         ignored = output_layers(model, ex) + [m for n, m in modules.items() if any(fnmatchcase(n, p) for p in skip)]
         ratio_dict: dict[nn.Module, float] = {}
         for n, m in modules.items():
@@ -78,11 +70,11 @@ class StructuredPruner:
         self.pruner = tp.pruner.MetaPruner(
             model,
             ex,
-            importance=tp.importance.GroupMagnitudeImportance(p=getattr(params, "norm", 2)),
+            importance=tp.importance.GroupMagnitudeImportance(p=params.norm),
             pruning_ratio=params.sparsity,
             pruning_ratio_dict=ratio_dict or None,
-            global_pruning=getattr(params, "scope", "layer") == "global",
-            max_pruning_ratio=getattr(params, "max_layer_sparsity", 1.0),
+            global_pruning=params.scope == "global",
+            max_pruning_ratio=params.max_layer_sparsity,
             iterative_steps=steps,
             ignored_layers=ignored,
         )
