@@ -48,20 +48,20 @@ def _set(data: dict[str, Any], keys: list[str], value: Any, item: str) -> None:
     node[keys[-1]] = value
 
 
-def read_yaml(path: Path) -> dict[str, Any]:
-    """Read a params file into a dict, with errors that name the file and the fix."""
+def read_yaml(path: Path, kind: str = "params", help: str = "see `shrinkflow schema` or the README") -> dict[str, Any]:
+    """Read a YAML mapping (a params or sweep file), with errors that name the file and the fix."""
     path = Path(path)
     if not path.is_file():
-        raise ParamsError(f"params file not found: {path} (create it, or pass --params FILE)")
+        raise ParamsError(f"{kind} file not found: {path} (create it: {help})")
     text = path.read_text(encoding="utf-8")
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ParamsError(f"{path}: YAML syntax error: {exc}") from exc
     if data is None:
-        raise ParamsError(f"{path} is empty: write at least one section (see `shrinkflow schema` or the README)")
+        raise ParamsError(f"{path} is empty: write at least one section ({help})")
     if not isinstance(data, dict):
-        raise ParamsError(f"{path}: the top level must be a mapping of sections (seed, data, train_teacher, ...), got {type(data).__name__}")
+        raise ParamsError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__} ({help})")
     return data
 
 
@@ -86,8 +86,8 @@ def _key_path(loc: Sequence[int | str], data: Any) -> str:
     return ".".join(parts).replace(".[", "[") or "(top level)"
 
 
-def format_validation_error(exc: ValidationError, data: Any, source: str) -> str:
-    lines = [f"{source}: invalid params:"]
+def format_validation_error(exc: ValidationError, data: Any, source: str, kind: str = "params") -> str:
+    lines = [f"{source}: invalid {kind}:"]
     for err in exc.errors():
         path = _key_path(err["loc"], data)
         msg = err["msg"]

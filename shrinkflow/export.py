@@ -23,20 +23,18 @@ Export uses the dynamo exporter with a dynamic batch dimension and
 from __future__ import annotations
 
 import os
-import statistics
-import time
 import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from shrinkflow.artifacts import ModelHeader, _float_index, to_float
 from shrinkflow.errors import InputError
 from shrinkflow.io import atomic_path
-from shrinkflow.measure import batch_of
+from shrinkflow.measure import latencies_ms
+from shrinkflow.training import predict, quality
 
 
 def exportable(model: nn.Module, header: ModelHeader) -> tuple[nn.Module, str]:
@@ -101,16 +99,6 @@ def onnx_session(path: str | os.PathLike[str], threads: int = 1):
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-def _median_ms(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
-
-
 def check_onnx(
     path: str | os.PathLike[str],
     model: nn.Module,
@@ -119,45 +107,35 @@ def check_onnx(
     *,
     batch_sizes: tuple[int, ...] = (1, 256),
     threads: int = 1,
-    repeats: int = 30,
+    min_run_time: float = 1.0,
 ) -> dict[str, Any]:
     """Parity of an exported file with the PyTorch model on ``X``, and latency of both.
 
     Returns:
         ``max_abs_diff`` and ``argmax_agreement`` over all of ``X``; accuracy of each
         runtime when labels ``y`` are given; median ms per batch size for torch
-        (eager) and onnxruntime, with ``threads`` threads in both.
+        (eager) and onnxruntime, with ``threads`` threads in both, measured
+        interleaved by ``measure.latencies_ms``.
     """
     sess = onnx_session(path, threads)
     name = sess.get_inputs()[0].name
-    outs = []
-    for i in range(0, len(X), 1024):
-        outs.append(sess.run(None, {name: X[i : i + 1024].numpy()})[0])
-    ort_out = torch.from_numpy(np.concatenate(outs))
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        with torch.inference_mode():
-            torch_out = torch.cat([model(X[i : i + 1024]) for i in range(0, len(X), 1024)]).float()
-            result: dict[str, Any] = {
-                "max_abs_diff": float((ort_out - torch_out).abs().max()),
-                "argmax_agreement": float((ort_out.argmax(1) == torch_out.argmax(1)).float().mean()),
-                "threads": threads,
-            }
-            if y is not None:
-                result["accuracy_torch"] = float((torch_out.argmax(1) == y).float().mean())
-                result["accuracy_onnx"] = float((ort_out.argmax(1) == y).float().mean())
-            for b in batch_sizes:
-                xb = batch_of(X, b)
-                xn = xb.numpy()
-                # Interleave the two runtimes so background load hits both alike.
-                t_torch, t_ort = [], []
-                for _ in range(3):
-                    t_torch.append(_median_ms(lambda xb=xb: model(xb), repeats // 3 or 1))
-                    t_ort.append(_median_ms(lambda xn=xn: sess.run(None, {name: xn}), repeats // 3 or 1))
-                result[f"latency_ms_torch_b{b}"] = statistics.median(t_torch)
-                result[f"latency_ms_onnx_b{b}"] = statistics.median(t_ort)
-    finally:
-        torch.set_num_threads(previous)
+
+    def run_onnx(x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(sess.run(None, {name: x.numpy()})[0])
+
+    ort_out = torch.cat([run_onnx(X[i : i + 1024]) for i in range(0, len(X), 1024)])
+    torch_out = predict(model, X)
+    result: dict[str, Any] = {
+        "max_abs_diff": float((ort_out - torch_out).abs().max()),
+        "argmax_agreement": float((ort_out.argmax(1) == torch_out.argmax(1)).float().mean()),
+        "threads": threads,
+    }
+    if y is not None:
+        result["accuracy_torch"] = quality(torch_out, y, "classification")
+        result["accuracy_onnx"] = quality(ort_out, y, "classification")
+    lat = latencies_ms({"torch": model, "onnx": run_onnx}, X, list(batch_sizes), threads=threads, min_run_time=min_run_time)
+    for b in batch_sizes:
+        result[f"latency_ms_torch_b{b}"] = lat["torch"][b]
+        result[f"latency_ms_onnx_b{b}"] = lat["onnx"][b]
     return result
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 import os
 import platform
 import statistics
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -66,9 +67,9 @@ def batch_of(X: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def latencies_ms(
-    models: Mapping[str, nn.Module], X: torch.Tensor, batch_sizes: list[int], *, threads: int, min_run_time: float, rounds: int = 3
+    models: Mapping[str, Callable[[torch.Tensor], Any]], X: torch.Tensor, batch_sizes: list[int], *, threads: int, min_run_time: float, rounds: int = 3
 ) -> dict[str, dict[int, float]]:
-    """Median latency in ms of each model at each batch size, variants interleaved."""
+    """Median latency in ms of each model (any callable on a batch) at each batch size, variants interleaved."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

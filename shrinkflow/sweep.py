@@ -40,10 +40,12 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from schemas.params import Params
 from schemas.sweep import AutoSearch, Criterion, GridSearch, RandomSearch, Range, Sweep
-from shrinkflow.config import PARAMS_FILE, apply_to_params_file, format_validation_error, load_params
+from shrinkflow.config import PARAMS_FILE, apply_to_params_file, format_validation_error, load_params, read_yaml
 from shrinkflow.errors import InputError, ParamsError
 from shrinkflow.io import write_json, write_text
+from shrinkflow.paths import VARIANTS, StagePaths
 from shrinkflow.report import quality_drop, quality_key
+from shrinkflow.stages import read_manifest
 
 #: Params sections the shared prefix (data → train_teacher) depends on, as dvc.yaml lists them.
 PREFIX_SECTIONS = ("seed", "device", "data", "train_teacher")
@@ -57,19 +59,11 @@ _SKIP = {".git", ".venv", "venv", "__pycache__", ".pytest_cache", ".ruff_cache"}
 
 def load_sweep(path: Path | str) -> Sweep:
     """Read and validate a sweep file; ParamsError names the key and the fix."""
-    path = Path(path)
-    if not path.is_file():
-        raise ParamsError(f"sweep file not found: {path} (see examples/sweep.yaml)")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ParamsError(f"{path}: YAML syntax error: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ParamsError(f"{path}: the top level must be a mapping (name, space, search, ...); see examples/sweep.yaml")
+    data = read_yaml(Path(path), kind="sweep", help="see examples/sweep.yaml and `shrinkflow sweep --schema`")
     try:
         return Sweep.model_validate(data)
     except ValidationError as exc:
-        raise ParamsError(format_validation_error(exc, data, str(path)).replace("invalid params", "invalid sweep")) from None
+        raise ParamsError(format_validation_error(exc, data, str(path), kind="sweep")) from None
 
 
 def override_items(mapping: dict[str, Any]) -> list[str]:
@@ -323,13 +317,14 @@ def run_trial(spec: TrialSpec) -> TrialResult:
             return result("failed", reason=failure_reason(out), ran=ran, reused=reused)
         if spec.until:
             return result("done", ran=ran, reused=reused)
-        metrics = json.loads((ws / "reports" / "metrics.json").read_text())
-        final = json.loads((ws / "reports" / "evaluate.json").read_text()).get("final_variant", "student")
-        row, teacher = metrics[final], metrics["teacher"]
+        paths = StagePaths(ws)
+        metrics = json.loads(paths.metrics.read_text())
+        final = read_manifest("evaluate", ws).final_variant
+        row, teacher = metrics[final], metrics[VARIANTS["train_teacher"]]
         q = quality_key(row)
         if not all(math.isfinite(float(m[q])) for m in (row, teacher)):
             return result("failed", reason=f"diverged: {q} is not finite", ran=ran, reused=reused)
-        report = (ws / "reports" / "report.md").read_text() if (ws / "reports" / "report.md").is_file() else None
+        report = paths.report.read_text() if paths.report.is_file() else None
         return result(
             "done", ran=ran, reused=reused, final_variant=final, metrics=row, teacher=teacher, report=report,
             workspace=str(ws) if keep else None,
