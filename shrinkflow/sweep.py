@@ -24,7 +24,6 @@ import os
 import random
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -45,6 +44,7 @@ from shrinkflow.errors import InputError, ParamsError
 from shrinkflow.io import write_json, write_text
 from shrinkflow.paths import VARIANTS, StagePaths
 from shrinkflow.report import quality_drop, quality_key
+from shrinkflow.serve import stop
 from shrinkflow.stages import read_manifest
 
 #: Params sections the shared prefix (data → train_teacher) depends on, as dvc.yaml lists them.
@@ -262,16 +262,8 @@ def _run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float | None) 
         out, _ = proc.communicate(timeout=timeout)
         return proc.returncode, out
     except subprocess.TimeoutExpired:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                out, _ = proc.communicate(timeout=10)
-                break
-            except subprocess.TimeoutExpired:
-                out = ""
+        stop(proc, grace=10)  # SIGTERM to the group, SIGKILL after the grace
+        out, _ = proc.communicate()
         return None, out or ""
 
 
