@@ -44,7 +44,7 @@ from shrinkflow.errors import InputError, ParamsError
 from shrinkflow.io import write_json, write_text
 from shrinkflow.paths import VARIANTS, StagePaths
 from shrinkflow.report import quality_drop, quality_key
-from shrinkflow.serve import stop
+from shrinkflow.serve import prefect_env, stop
 from shrinkflow.stages import read_manifest
 
 #: Params sections the shared prefix (data → train_teacher) depends on, as dvc.yaml lists them.
@@ -243,12 +243,9 @@ def failure_reason(output: str) -> str:
 
 
 def _env(ws: Path, threads: int | None) -> dict[str, str]:
-    env = dict(os.environ)
-    bindir = str(Path(sys.executable).parent)
-    env["PATH"] = bindir + os.pathsep + env.get("PATH", "")  # stage commands resolve to this venv
+    env = prefect_env(None)  # the venv first on PATH, analytics off
     # Stage commands import the workspace's copy of the code, the one DVC hashed.
     env["PYTHONPATH"] = str(ws) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env["DVC_NO_ANALYTICS"] = "1"
     if threads:
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             env[var] = str(threads)
