@@ -44,6 +44,7 @@ from shrinkflow.errors import ShrinkflowError
 from shrinkflow.io import write_text
 from shrinkflow.paths import StagePaths
 from shrinkflow.report import quality_drop, quality_key, render_table
+from shrinkflow.stages import read_manifest
 
 #: GTO artifact names: lowercase letters, digits, dashes (and / for namespaces).
 NAME_PATTERN = r"^[a-z0-9]([a-z0-9-/]*[a-z0-9])?$"
@@ -126,7 +127,6 @@ def production_quality(root: Path, prod, qkey: str) -> tuple[float | None, str]:
 def check_gates(root: str, name: str, stage: str, max_regression: float | None) -> tuple[list[GateResult], dict, list[str]]:
     """Evaluate's gates plus no-regression vs the model now in ``stage``; returns (gates, metrics, notes)."""
     from shrinkflow.registry import in_stage
-    from shrinkflow.stages import read_manifest
 
     rootp = Path(root)
     evaluation = read_manifest("evaluate", rootp)
@@ -264,8 +264,7 @@ def retrain(
         raise GateFailed(f"quality gate(s) failed, production unchanged: {reason}")
     commit_candidate(rootp, model_name)
     published = publish(rootp, remote)
-    evaluation = json.loads(StagePaths(Path(rootp)).manifest("evaluate").read_text())
-    final = evaluation["final_variant"]
+    final = read_manifest("evaluate", Path(rootp)).final_variant
     record = {"final_variant": final, "path": metrics[final].get("path"), "metrics": metrics[final],
               "gates": [g.model_dump() for g in gates]}
     version, moved = promote(rootp, model_name, stage, record)
