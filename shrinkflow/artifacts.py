@@ -50,6 +50,16 @@ class ModelHeader(BaseModel):
     storage: str = Field("dense", description="How 'state' encodes the state dict.")
     masked: bool = Field(False, description="True when zeros are pruned weights that later training must keep at zero.")
 
+    @classmethod
+    def for_data(cls, spec: BaseModel, splits: Any) -> ModelHeader:
+        """The header of a new model of ``spec`` (a params model spec) for ``splits``' inputs and task."""
+        return cls(
+            spec=spec.model_dump(mode="json", by_alias=True),
+            input_shape=splits.input_shape,
+            out_features=splits.out_features,
+            task=splits.task,
+        )
+
     def with_transform(self, kind: str, **data: Any) -> ModelHeader:
         return self.model_copy(update={"transforms": [*self.transforms, {"kind": kind, **data}]})
 

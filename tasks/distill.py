@@ -39,12 +39,7 @@ def run(params: DistillParams, ctx: Context) -> DistillOutput:
             student = to_float(compressed, header)
             after_step = keep_constraints(student, header)
         else:
-            header = ModelHeader(
-                spec=params.student.model_dump(mode="json", by_alias=True),
-                input_shape=splits.input_shape,
-                out_features=splits.out_features,
-                task=splits.task,
-            )
+            header = ModelHeader.for_data(params.student, splits)
             try:
                 student = header.build()
             except ValueError as exc:

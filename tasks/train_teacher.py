@@ -19,12 +19,7 @@ STAGE = "train_teacher"
 
 def run(params: TrainTeacherParams, ctx: Context) -> TrainTeacherOutput:
     splits: Splits = load_splits(ctx.paths.splits)
-    header = ModelHeader(
-        spec=params.model.model_dump(mode="json", by_alias=True),
-        input_shape=splits.input_shape,
-        out_features=splits.out_features,
-        task=splits.task,
-    )
+    header = ModelHeader.for_data(params.model, splits)
     start = time.perf_counter()
     if params.checkpoint:
         model, header = load_checkpoint(ctx.paths.root / params.checkpoint, header, "train_teacher.checkpoint")
