@@ -1,8 +1,11 @@
 """Knowledge distillation: one training plan per ``distill.method``, driven by ``fit``.
 
 The teacher's outputs on the transfer set (the training split) are computed once,
-before training, and passed to ``fit`` as extra targets aligned with the split, so
-each epoch costs only the student's forward and backward passes.
+by the train_teacher stage, and stored beside the teacher as a DVC output
+(``StagePaths.teacher_outputs``, see ``training.save_teacher_outputs``). Distillation and
+prune's fine-tuning read them from there when they were made from the same inputs,
+and pass them to ``fit`` as extra targets aligned with the split, so each epoch
+costs only the student's forward and backward passes.
 
 Methods (``DISTILL_METHODS``):
 
@@ -13,7 +16,7 @@ Methods (``DISTILL_METHODS``):
   between a learned projection of a student layer and a teacher layer. The
   projection is trained with the student and discarded afterwards.
 
-A method is a function ``(student, teacher, X_train, task, params) -> Plan``;
+A method is a function ``(student, teacher, X_train, teacher_out, task, params) -> Plan``;
 adding one is adding a variant to ``schemas.distill`` and an entry here.
 """
 
@@ -31,7 +34,7 @@ from torch import nn
 
 from shrinkflow.data import Splits, Task
 from shrinkflow.errors import ParamsError
-from shrinkflow.training import FitResult, fit, predict
+from shrinkflow.training import FitResult, fit, predict, teacher_outputs
 
 log = logging.getLogger("shrinkflow")
 
@@ -126,12 +129,14 @@ class Plan:
         return model.student if isinstance(model, _Hinted) else model
 
 
-def _logits_plan(student: nn.Module, teacher: nn.Module, X: torch.Tensor, task: Task, params: Any) -> Plan:
-    return Plan(student, output_loss("logits", params), [predict(teacher, X)])
+def _logits_plan(student: nn.Module, teacher: nn.Module, X: torch.Tensor, teacher_out: torch.Tensor, task: Task, params: Any) -> Plan:
+    return Plan(student, output_loss("logits", params), [teacher_out])
 
 
-def _regression_plan(student: nn.Module, teacher: nn.Module, X: torch.Tensor, task: Task, params: Any) -> Plan:
-    return Plan(student, output_loss("regression", params), [predict(teacher, X)])
+def _regression_plan(
+    student: nn.Module, teacher: nn.Module, X: torch.Tensor, teacher_out: torch.Tensor, task: Task, params: Any
+) -> Plan:
+    return Plan(student, output_loss("regression", params), [teacher_out])
 
 
 def named_module(model: nn.Module, name: str, key: str) -> nn.Module:
@@ -190,7 +195,7 @@ def _projection(student_feat: torch.Tensor, teacher_feat: torch.Tensor) -> nn.Mo
     return nn.Sequential(nn.Flatten(), nn.Linear(int(s.numel()), int(t.numel())))
 
 
-def _hint_plan(student: nn.Module, teacher: nn.Module, X: torch.Tensor, task: Task, params: Any) -> Plan:
+def _hint_plan(student: nn.Module, teacher: nn.Module, X: torch.Tensor, teacher_out: torch.Tensor, task: Task, params: Any) -> Plan:
     out_method = "logits" if task == "classification" else "regression"
     base = output_loss(out_method, params)
     t_mod = named_module(teacher, params.teacher_layer, "distill.teacher_layer")
@@ -204,7 +209,6 @@ def _hint_plan(student: nn.Module, teacher: nn.Module, X: torch.Tensor, task: Ta
     projection = _projection(s_probe, t_probe)
     # Same seed → same projection init; the student itself was initialised before.
     model = _Hinted(student, s_mod, projection)
-    teacher_out = predict(teacher, X)
     flat = isinstance(projection, nn.Sequential)
 
     def target_shape(t: torch.Tensor) -> torch.Tensor:
@@ -240,8 +244,8 @@ def _hint_plan(student: nn.Module, teacher: nn.Module, X: torch.Tensor, task: Ta
     return Plan(model, loss, targets, pretrain_loss=pretrain if params.hint_epochs else None, close=model.detach_hook)
 
 
-#: method name → plan(student, teacher, X_train, task, params)
-DISTILL_METHODS: dict[str, Callable[[nn.Module, nn.Module, torch.Tensor, Task, Any], Plan]] = {
+#: method name → plan(student, teacher, X_train, teacher_out, task, params)
+DISTILL_METHODS: dict[str, Callable[[nn.Module, nn.Module, torch.Tensor, torch.Tensor, Task, Any], Plan]] = {
     "logits": _logits_plan,
     "regression": _regression_plan,
     "hint": _hint_plan,
@@ -269,6 +273,7 @@ def distill(
     after_step: Callable[[nn.Module], None] | None = None,
     live_dir: Path | None = None,
     where: str = "distill",
+    cached_outputs: Path | None = None,
 ) -> FitResult:
     """Train ``student`` in place from ``teacher`` on ``data``'s training split (the transfer set).
 
@@ -279,6 +284,8 @@ def distill(
             ``artifacts.keep_constraints`` to keep a compressed student's zeros and
             quantization).
         live_dir: dvclive folder for the per-epoch curves of the main phase.
+        cached_outputs: the teacher's stored outputs on the training split
+            (``training.save_teacher_outputs``), used when they match the split.
 
     Raises:
         ParamsError: the method does not fit the task, or hint names unknown layers.
@@ -286,7 +293,7 @@ def distill(
     method = check_method(params.method, data.task)
     X, _ = data.tensors("train")
     teacher.eval()
-    plan = DISTILL_METHODS[method](student, teacher, X, data.task, params)
+    plan = DISTILL_METHODS[method](student, teacher, X, teacher_outputs(teacher, X, cached_outputs), data.task, params)
     hook = None if after_step is None else (lambda m: after_step(plan.student(m)))
     common = dict(
         batch_size=params.batch_size, optimizer=params.optimizer, seed=seed, device=device,

@@ -44,6 +44,11 @@ class StagePaths:
     def model(self, stage: str) -> Path:
         return self.model_dir(stage) / MODEL_FILE
 
+    @property
+    def teacher_outputs(self) -> Path:
+        """The teacher's outputs on the training split (the transfer set), written once by train_teacher."""
+        return self.model_dir("train_teacher") / "outputs.pt"
+
     def manifest(self, stage: str) -> Path:
         return self.root / "reports" / f"{stage}.json"
 

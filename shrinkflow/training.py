@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -18,6 +19,7 @@ from torch import nn
 from schemas.params import Optimizer
 from shrinkflow.data import Splits, Task
 from shrinkflow.errors import TrainingDiverged
+from shrinkflow.io import atomic_path
 
 log = logging.getLogger("shrinkflow")
 
@@ -58,6 +60,40 @@ def predict(model: nn.Module, X: torch.Tensor, batch_size: int = 1024) -> torch.
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     outs = [model(X[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(X), batch_size)]
     return torch.cat(outs) if outs else torch.empty(0)
+
+
+def _fingerprint(X: torch.Tensor) -> str:
+    """SHA-256 of the inputs' dtype, shape and bytes: the cache's key."""
+    X = X.detach().cpu().contiguous()
+    digest = hashlib.sha256(f"{X.dtype}{tuple(X.shape)}".encode())
+    digest.update(X.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def save_teacher_outputs(teacher: nn.Module, X: torch.Tensor, path: Path) -> torch.Tensor:
+    """Compute the teacher's outputs on ``X`` and store them at ``path`` with the inputs' fingerprint."""
+    outputs = predict(teacher, X)
+    with atomic_path(path) as tmp:
+        torch.save({"inputs_sha256": _fingerprint(X), "outputs": outputs}, tmp)
+    return outputs
+
+
+def teacher_outputs(teacher: nn.Module, X: torch.Tensor, cached: Path | None = None) -> torch.Tensor:
+    """The teacher's outputs on ``X``: read from ``cached`` when it was made from these very inputs.
+
+    Anything else (no file, other inputs, an unreadable file) falls back to computing
+    them, with a log line saying why; the cache never changes what is trained.
+    """
+    if cached is not None and cached.exists():
+        try:
+            stored = torch.load(cached, map_location="cpu", weights_only=True)
+            if stored["inputs_sha256"] == _fingerprint(X) and len(stored["outputs"]) == len(X):
+                log.info("teacher outputs read from %s", cached.name)
+                return stored["outputs"]
+            log.info("teacher outputs in %s were made from other inputs: recomputing", cached.name)
+        except Exception as exc:  # a damaged cache file is recomputed, never trusted
+            log.warning("teacher outputs in %s unreadable (%s): recomputing", cached.name, exc)
+    return predict(teacher, X)
 
 
 def quality(outputs: torch.Tensor, y: torch.Tensor, task: Task) -> float:

@@ -47,6 +47,7 @@ def run(params: DistillParams, ctx: Context) -> DistillOutput:
         distill(
             student, teacher, splits, params, seed=ctx.seed, device=resolve_device(ctx.device),
             after_step=after_step, live_dir=ctx.paths.live(STAGE), where=STAGE,
+            cached_outputs=ctx.paths.teacher_outputs,
         )
         save_model(from_float(student, header), path, header)
     else:

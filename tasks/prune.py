@@ -22,7 +22,7 @@ from shrinkflow.pruning import sensitivity as sens
 from shrinkflow.pruning.magnitude import layer_name, layer_targets
 from shrinkflow.pruning.schedule import run_schedule
 from shrinkflow.pruning.storage import NAME as SPARSE
-from shrinkflow.training import fit, predict, resolve_device, seed_everything
+from shrinkflow.training import fit, resolve_device, seed_everything, teacher_outputs
 from tasks import Context
 from tasks._common import load_upstream, pass_through, val_metric
 
@@ -35,7 +35,7 @@ def _finetuner(params: PruneParams, splits: Splits, ctx: Context):
     loss_fn, extra = None, []
     if ft.distill_from_teacher:
         teacher, _ = load_model(ctx.paths.model("train_teacher"))
-        extra = [predict(teacher, splits.tensors("train")[0])]
+        extra = [teacher_outputs(teacher, splits.tensors("train")[0], ctx.paths.teacher_outputs)]
         loss_fn = (
             logits_loss(ft.temperature, ft.alpha) if splits.task == "classification" else regression_loss(alpha=ft.alpha)
         )

@@ -10,7 +10,7 @@ from shrinkflow.artifacts import ModelHeader, load_checkpoint, save_model
 from shrinkflow.data import Splits, load_splits
 from shrinkflow.errors import InputError
 from shrinkflow.measure import model_file
-from shrinkflow.training import fit, resolve_device, seed_everything
+from shrinkflow.training import fit, resolve_device, save_teacher_outputs, seed_everything
 from tasks import Context
 from tasks._common import val_metric
 
@@ -37,6 +37,9 @@ def run(params: TrainTeacherParams, ctx: Context) -> TrainTeacherOutput:
         val, epochs = res.val_metric, res.epochs
     path = ctx.paths.model(STAGE)
     save_model(model, path, header)
+    # The transfer set of prune's fine-tuning and of distill is the training split:
+    # its teacher outputs are computed once, here, and cached by DVC with the teacher.
+    save_teacher_outputs(model, splits.tensors("train")[0], ctx.paths.teacher_outputs)
     return TrainTeacherOutput(
         model=model_file(path, model, header, ctx.paths.root),
         imported=bool(params.checkpoint),

@@ -14,7 +14,7 @@ from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
 from schemas.common import Optimizer
 from schemas.distill import HintDistill, LogitsDistill, RegressionDistill
-from shrinkflow import distillation
+from shrinkflow import distillation, training
 from shrinkflow.artifacts import ModelHeader, load_model, to_float
 from shrinkflow.config import load_params
 from shrinkflow.data import Splits, load_splits
@@ -23,7 +23,7 @@ from shrinkflow.errors import ParamsError
 from shrinkflow.paths import StagePaths
 from shrinkflow.pruning import prunable
 from shrinkflow.stages import run_stage
-from shrinkflow.training import fit, predict, quality, seed_everything
+from shrinkflow.training import fit, predict, quality, save_teacher_outputs, seed_everything, teacher_outputs
 
 CPU = torch.device("cpu")
 
@@ -130,6 +130,23 @@ def test_distilled_student_beats_scratch_across_seeds(digits, teacher):
     assert sum(kd) / 3 > sum(scratch) / 3 + 0.02, (scratch, kd)
 
 
+def test_teacher_outputs_are_read_from_the_cache_only_for_the_same_inputs(digits, teacher, tmp_path, monkeypatch):
+    X, _ = digits.tensors("train")
+    cache = tmp_path / "outputs.pt"
+    stored = save_teacher_outputs(teacher, X, cache)
+    assert torch.equal(stored, predict(teacher, X))
+    monkeypatch.setattr(training, "predict", lambda *a, **k: pytest.fail("recomputed despite a matching cache"))
+    assert torch.equal(teacher_outputs(teacher, X, cache), stored)
+    # Other inputs (one value changed), or a damaged file: recomputed, never trusted.
+    calls = []
+    monkeypatch.setattr(training, "predict", lambda model, inputs: calls.append(inputs) or torch.zeros(len(inputs), 10))
+    other = X.clone()
+    other[0, 0] += 1
+    assert not teacher_outputs(teacher, other, cache).any() and calls[-1] is other
+    cache.write_bytes(cache.read_bytes()[:100])
+    assert not teacher_outputs(teacher, X, cache).any() and len(calls) == 2
+
+
 def test_use_labels_false_never_reads_the_labels(digits, teacher):
     sub = dataclasses.replace(digits, X_train=digits.X_train[:256], y_train=digits.y_train[:256])
     shuffled = dataclasses.replace(sub, y_train=sub.y_train[torch.randperm(256).numpy()])
@@ -159,7 +176,7 @@ def test_hint_trains_a_projection_and_discards_it(digits, teacher):
     student = _build(sub, [16], 0)
     before = {k: v.clone() for k, v in student.state_dict().items()}
     X = sub.tensors("train")[0]
-    plan = DISTILL_METHODS["hint"](student, teacher, X, sub.task, _hint(hint_epochs=3, weight=1.0))
+    plan = DISTILL_METHODS["hint"](student, teacher, X, predict(teacher, X), sub.task, _hint(hint_epochs=3, weight=1.0))
     assert plan.targets[1].shape == (256, 128)  # teacher's first hidden layer, stored once
 
     def hint_mse() -> float:
@@ -295,6 +312,10 @@ def test_regression_kd_on_seed_preset_lowers_mse_to_teacher(tmp_path):
         return float(torch.nn.functional.mse_loss(predict(load_model(paths.model(stage))[0], X), teacher_out))
 
     assert mse_to_teacher("distill") < 0.95 * mse_to_teacher("quantize")
+    # train_teacher stored the teacher's outputs on the transfer set for distill to reuse.
+    stored = torch.load(paths.teacher_outputs, weights_only=True)["outputs"]
+    X_train, _ = load_splits(paths.splits).tensors("train")
+    assert torch.equal(stored, predict(load_model(paths.model("train_teacher"))[0], X_train))
 
 
 def test_new_student_regression_from_teacher_only(tmp_path):
