@@ -180,8 +180,8 @@ def test_pruned_zeros_survive_quantization(params, pruned_mlp, digits, tmp_path)
         assert bool((after[k][zero] == 0).all()), k
 
 
-@pytest.mark.parametrize("params", [StaticQuant(bits=4), QATQuant(bits=4, finetune=FT), KMeansQuant(bits=3, finetune=FT)],
-                         ids=["static", "qat", "kmeans"])
+@pytest.mark.parametrize("params", [DynamicQuant(), StaticQuant(bits=4), QATQuant(bits=4, finetune=FT), KMeansQuant(bits=3, finetune=FT)],
+                         ids=["dynamic", "static", "qat", "kmeans"])
 def test_recovery_training_keeps_the_quantization(params, pruned_mlp, digits, tmp_path):
     """What distill does: to_float → train with keep_constraints → from_float; zeros and codes survive."""
     model, header = pruned_mlp
@@ -206,6 +206,31 @@ def test_recovery_training_keeps_the_quantization(params, pruned_mlp, digits, tm
             if callable(getattr(m, "weight", None)) and m.weight().is_quantized:
                 ints = m.weight().int_repr()
                 assert ints.min() >= -(2 ** (params.bits - 1)) and ints.max() <= 2 ** (params.bits - 1) - 1
+
+
+@pytest.mark.parametrize("constrained", [True, False])
+def test_dynamic_recovery_trains_on_the_int8_grid(constrained, pruned_mlp, digits, tmp_path):
+    """With the dynamic transform's constraint, the trained weights are the int8 weights that get saved."""
+    model, header = pruned_mlp
+    qmodel, h, _ = _quantize(model, header, DynamicQuant(), digits, tmp_path, "q")
+    student = to_float(qmodel, h)
+    before = {k: w.clone() for k, w in prunable(student).items()}
+    hook = keep_constraints(student, h) if constrained else None
+    fit(student, digits, epochs=2, batch_size=64, optimizer=Optimizer(lr=0.01), seed=0, device=torch.device("cpu"),
+        where="test", after_step=hook)
+    trained = prunable(student)
+    assert any(not torch.equal(trained[k], before[k]) for k in trained)
+    saved = dict(from_float(student, h).named_modules())
+    on_grid = []
+    for k, w in trained.items():
+        q = saved[k.rsplit(".", 1)[0]].weight()
+        w = w.detach()
+        on_grid.append(float((q.dequantize() - w).abs().le(1e-3 * q.q_scale()).float().mean()))
+        assert float((q.dequantize() - w).abs().max()) <= q.q_scale() * 1.01  # one step at most, always
+    if constrained:  # requantizing leaves every trained weight as it was
+        assert min(on_grid) == 1.0, on_grid
+    else:  # the unconstrained float weights are rounded afterwards: most change
+        assert max(on_grid) < 0.5, on_grid
 
 
 def test_lenet_static_fuses_and_reloads_identically(digits, tmp_path):

@@ -11,6 +11,7 @@ filtered at the call site below (``_compat.quiet_torch_ao``), for that reason.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -22,9 +23,31 @@ from shrinkflow.quantization._compat import quiet_torch_ao
 KIND = "dynamic-int8"
 
 
+#: Symmetric int8 range of the weights: ±127, so the largest weight is a code exactly
+#: and weights already on the grid quantize to themselves (torch.ao's default weight
+#: observer divides by 127.5 instead, which shrinks the grid at every requantization).
+QMAX = 127
+
+
+def _scale(weight: torch.Tensor) -> float:
+    return max(float(weight.detach().abs().max()) / QMAX, torch.finfo(torch.float32).eps)
+
+
+def _fake_quantize(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` rounded to the int8 grid it is saved on."""
+    return torch.fake_quantize_per_tensor_affine(weight, _scale(weight), 0, -QMAX, QMAX)
+
+
 def _quantize_dynamic(model: nn.Module) -> nn.Module:
+    """torch.ao's dynamic int8 Linear modules, holding the weights on our ±127 grid."""
+    weights = {n: m.weight.detach() for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     with quiet_torch_ao():
-        return torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+        qmodel = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+        for name, mod in qmodel.named_modules():
+            if name in weights and hasattr(mod, "_packed_params"):
+                w = weights[name]
+                mod.set_weight_bias(torch.quantize_per_tensor(w, _scale(w), 0, torch.qint8), mod.bias())
+    return qmodel
 
 
 def quantize(model: nn.Module, params: Any, env: Any = None) -> tuple[nn.Module, dict[str, Any]]:
@@ -54,4 +77,34 @@ def _to_float(qmodel: nn.Module, float_model: nn.Module) -> nn.Module:
     return float_model
 
 
-register_transform(KIND, Transform(rebuild=_rebuild, to_float=_to_float))
+def _constrain(float_model: nn.Module, entry: dict[str, Any]) -> Callable[[nn.Module], None]:
+    """Keep training on the int8 grid, with latent float weights (straight-through estimator).
+
+    After each optimizer step the step's change is added to a latent float copy of
+    each Linear weight, and the weight is set to the latent copy fake-quantized. The
+    forward and backward passes thus see the int8 weights, while updates smaller than
+    half a quantization step still accumulate (rounding the weights themselves after
+    each step would discard them). ``reapply`` then quantizes weights that are
+    already on the grid, so what was trained is what is saved.
+    torch.ao's dynamic QAT modules would need a second prepare/convert path; this
+    hook fits the ``after_step`` contract every training loop here already has.
+    """
+    names = [n for n, m in float_model.named_modules() if isinstance(m, nn.Linear)]
+    # The weights come from the int8 model (``_to_float``): on the grid already.
+    latent = {n: float_model.get_submodule(n).weight.detach().clone() for n in names}
+    on_grid = {n: w.clone() for n, w in latent.items()}
+
+    def after_step(model: nn.Module) -> None:
+        with torch.no_grad():
+            for n in names:
+                weight = model.get_submodule(n).weight
+                if latent[n].device != weight.device:
+                    latent[n], on_grid[n] = latent[n].to(weight.device), on_grid[n].to(weight.device)
+                latent[n] += weight - on_grid[n]
+                on_grid[n] = _fake_quantize(latent[n])
+                weight.copy_(on_grid[n])
+
+    return after_step
+
+
+register_transform(KIND, Transform(rebuild=_rebuild, to_float=_to_float, constrain=_constrain))
