@@ -44,7 +44,11 @@ class _PruneBase(Section):
     ramp_fraction: float = Field(
         0.75, gt=0, le=1, description="gradual: share of the fine-tuning steps over which sparsity ramps up; the rest recovers at the final sparsity."
     )
-    prune_every: PositiveInt = Field(10, description="gradual: optimizer steps between two mask updates.")
+    prune_every: PositiveInt = Field(
+        10,
+        description="gradual: optimizer steps between two mask updates (unstructured methods; structured pruning "
+        "advances the ramp once per epoch, since the layers change shape).",
+    )
     sensitivity: bool = Field(
         False, description="Also run a per-layer sensitivity analysis on the teacher (reports/sensitivity/: JSON, markdown, PNG)."
     )
@@ -117,15 +121,6 @@ class StructuredPrune(_PruneBase):
     max_layer_sparsity: float = Field(
         0.9, gt=0, lt=1, description="global scope: no layer loses more than this fraction of its channels."
     )
-
-    @model_validator(mode="after")
-    def _structured(self):  # noqa: ANN202 - pydantic validator
-        if self.schedule == "gradual":
-            raise ValueError(
-                "schedule: gradual is for unstructured methods (masks change every few steps); "
-                "use schedule: iterative with method: structured"
-            )
-        return self
 
 
 PruneParams = registry("method", "magnitude", MagnitudePrune, RandomPrune, StructuredPrune)

@@ -206,14 +206,44 @@ def test_auto_allocation_meets_the_target_and_spares_sensitive_layers():
 def test_schema_rejects_unsupported_combinations():
     from shrinkflow.config import load_params
 
-    with pytest.raises(ParamsError, match="gradual"):
-        load_params(REPO / "params.yaml", ["prune.method=structured", "prune.schedule=gradual"])
+    with pytest.raises(ParamsError, match="initial_sparsity"):
+        load_params(REPO / "params.yaml", ["prune.method=structured", "prune.schedule=gradual", "prune.initial_sparsity=0.95"])
     with pytest.raises(ParamsError, match="finetune.epochs"):
         load_params(REPO / "params.yaml", ["prune.schedule=gradual", "prune.finetune.epochs=0"])
     with pytest.raises(ParamsError, match="layers"):
         load_params(REPO / "params.yaml", ['prune.layers={"net.1": 1.5}'])
     with pytest.raises(ParamsError, match="sensitivity_sparsities"):
         load_params(REPO / "params.yaml", ["prune.allocation=auto", "prune.sparsity=0.97"])
+
+
+def test_structured_gradual_shrinks_layers_along_the_cubic_ramp_once_per_epoch(tmp_path, repo_on_path):
+    from schemas.prune import StructuredPrune
+    from shrinkflow.pruning.schedule import run_schedule
+
+    torch.manual_seed(0)
+    model = MLP.build()
+    p = StructuredPrune.model_validate(
+        {"method": "structured", "sparsity": 0.75, "schedule": "gradual", "ramp_fraction": 0.6, "finetune": {"epochs": 5}}
+    )
+    calls: list[tuple[int, int]] = []  # (epochs, width of the first hidden layer) per fine-tuning call
+
+    def finetune(m, epochs, after_step):
+        assert after_step is None  # nothing to keep: the removed neurons are gone
+        calls.append((epochs, m.net[1].out_features))
+
+    result = run_schedule(model, p, MLP.input_shape, finetune, steps_per_epoch=10)
+    # ceil(0.6 · 5) = 3 ramp epochs, each after a step; then 2 epochs at the final width.
+    assert [e for e, _ in calls] == [1, 1, 1, 2]
+    widths = [w for _, w in calls]
+    ramp = [zhu_gupta(t, 3, 0.0, 0.75) for t in (1, 2, 3)]
+    assert all(abs(w - 64 * (1 - s)) <= 1 for w, s in zip(widths, ramp, strict=False)), (widths, ramp)  # channel rounding
+    assert widths[3] == widths[2] == 16
+    assert widths[0] - widths[1] > widths[1] - widths[2] > 0  # cubic: most is removed early
+    header = MLP.with_transform(**result.transforms[0]).model_copy(update={"storage": "sparse"})
+    save_model(model, tmp_path / "g.pt", header)
+    loaded, _ = load_model(tmp_path / "g.pt")
+    x = torch.randn(4, *MLP.input_shape)
+    assert torch.equal(loaded(x), model.eval()(x))
 
 
 def test_gradual_schedule_follows_the_cubic_ramp():

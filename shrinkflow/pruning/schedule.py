@@ -48,13 +48,7 @@ def run_schedule(model: nn.Module, params: Any, input_shape: list[int], finetune
     """Prune ``model`` by ``params.method`` on ``params.schedule``, fine-tuning as it goes."""
     epochs = params.finetune.epochs
     if params.method == "structured":
-        rounds = params.rounds if params.schedule == "iterative" else 1
-        pruner = StructuredPruner(model, params, input_shape, steps=rounds)
-        for _ in range(rounds):
-            pruner.step()
-            if epochs:
-                finetune(model, epochs, None)
-        return Pruned(model=model, transforms=[pruner.entry()])
+        return _structured(model, params, input_shape, finetune)
 
     prune = PRUNERS[params.method]
     if params.schedule == "one-shot":
@@ -89,3 +83,35 @@ def run_schedule(model: nn.Module, params: Any, input_shape: list[int], finetune
     # of steps left it short (zeros rank lowest, so no weight comes back).
     masks = prune(model, params, amount=1.0)
     return Pruned(model=model, masks=masks)
+
+
+def _structured(model: nn.Module, params: Any, input_shape: list[int], finetune: Finetune) -> Pruned:
+    """Structured schedules: the layers physically shrink at each step, so fine-tuning restarts after it.
+
+    one-shot: one step, then ``finetune.epochs``; iterative: ``rounds`` × (step,
+    ``finetune.epochs``); gradual: the cubic ramp advances once per epoch (a new
+    optimizer is needed whenever the layers change) over the first
+    ``ceil(ramp_fraction · epochs)`` epochs, each starting with a step, and the
+    remaining epochs recover at the final sparsity.
+    """
+    epochs = params.finetune.epochs
+    if params.schedule == "gradual":
+        ramp_epochs = max(1, math.ceil(params.ramp_fraction * epochs))
+        pruner = StructuredPruner(
+            model, params, input_shape, steps=ramp_epochs,
+            ramp=lambda i, n: zhu_gupta(i, n, params.initial_sparsity, params.sparsity) / params.sparsity if i else 0.0,
+        )
+        for _ in range(ramp_epochs):
+            pruner.step()
+            finetune(model, 1, None)
+        if epochs > ramp_epochs:
+            finetune(model, epochs - ramp_epochs, None)
+        return Pruned(model=model, transforms=[pruner.entry()])
+
+    rounds = params.rounds if params.schedule == "iterative" else 1
+    pruner = StructuredPruner(model, params, input_shape, steps=rounds)
+    for _ in range(rounds):
+        pruner.step()
+        if epochs:
+            finetune(model, epochs, None)
+    return Pruned(model=model, transforms=[pruner.entry()])

@@ -14,6 +14,7 @@ architecture, traces it and replays the history, then loads the weights.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from fnmatch import fnmatchcase
 from typing import Any
 
@@ -49,10 +50,19 @@ class StructuredPruner:
     """One Torch-Pruning ``MetaPruner`` for a run; ``step()`` ``steps`` times reaches the target.
 
     Steps follow Torch-Pruning's linear schedule (step i of n removes up to i/n of
-    the target), so an iterative schedule fine-tunes between steps.
+    the target), so an iterative schedule fine-tunes between steps; ``ramp(i, n)``,
+    the share of each layer's target reached after step i of n, replaces it (the
+    gradual schedule's cubic ramp).
     """
 
-    def __init__(self, model: nn.Module, params: Any, input_shape: list[int], steps: int = 1) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        params: Any,
+        input_shape: list[int],
+        steps: int = 1,
+        ramp: Callable[[int, int], float] | None = None,
+    ) -> None:
         import torch_pruning as tp
 
         self.model = model
@@ -77,6 +87,7 @@ class StructuredPruner:
             max_pruning_ratio=params.max_layer_sparsity,
             iterative_steps=steps,
             ignored_layers=ignored,
+            **({} if ramp is None else {"iterative_pruning_ratio_scheduler": _scheduler(ramp)}),
         )
 
     def step(self) -> None:
@@ -87,6 +98,15 @@ class StructuredPruner:
         """The header transform that replays every step so far on the original architecture."""
         history = [[str(name), bool(out), [int(i) for i in idxs]] for name, out, idxs in self.pruner.pruning_history()]
         return {"kind": KIND, "history": history}
+
+
+def _scheduler(ramp: Callable[[int, int], float]) -> Callable[[float, int], list[float]]:
+    """A Torch-Pruning ratio scheduler: each layer's ratio after step i of n is ``ratio · ramp(i, n)``."""
+
+    def scheduler(ratio: float, steps: int) -> list[float]:
+        return [ratio * ramp(i, steps) for i in range(steps + 1)]
+
+    return scheduler
 
 
 def _rebuild(model: nn.Module, entry: dict[str, Any], header: ModelHeader) -> nn.Module:
