@@ -10,6 +10,8 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from shrinkflow.dvcrepo import open_repo
+
 
 def ensure_venv_on_path() -> None:
     """Make stage commands (``shrinkflow stage NAME``) resolve to this interpreter's venv.
@@ -64,12 +66,7 @@ def reproduce(root: Path, stage: str, log: Callable[[str], None] | None = None) 
     Args:
         log: receives the stage command's output (e.g. a Prefect run logger's ``info``).
     """
-    from dvc.repo import Repo
-
     ensure_venv_on_path()
-    # DVC resolves targets and run-cache paths against the *cwd* (its CLI always runs in
-    # the repo): from elsewhere "data" may pick up another dvc.yaml and saving the
-    # run-cache fails ("outside of DVC repo"). Stages never run in parallel threads.
-    with contextlib.chdir(root), Repo(str(root)) as repo, _output_to(log, stage):
+    with open_repo(root) as repo, _output_to(log, stage):
         ran = repo.reproduce(stage, single_item=True)
     return bool(ran)

@@ -24,7 +24,6 @@ and ``shrinkflow serve`` caps the work pool at one run.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import tempfile
 from pathlib import Path
@@ -40,6 +39,7 @@ from pydantic import BaseModel, Field
 from flows.compress import compress
 from schemas.outputs import GateResult
 from shrinkflow.config import PARAMS_FILE, load_params
+from shrinkflow.dvcrepo import open_repo
 from shrinkflow.errors import ShrinkflowError
 from shrinkflow.io import write_text
 from shrinkflow.paths import StagePaths
@@ -74,14 +74,12 @@ class RetrainResult(BaseModel):
 @task(cache_policy=NO_CACHE, retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=5), retry_jitter_factor=0.5)
 def refresh_data(root: str) -> DataRefresh:
     """Update DVC-tracked data sources and report whether the data stage is out of date."""
-    from dvc.repo import Repo
-
     rootp = Path(root)
     params = load_params(rootp / PARAMS_FILE, root=rootp)
     rel = params.data.path
     dvcfile = rootp / f"{rel}.dvc"
     updated: list[str] = []
-    with contextlib.chdir(rootp), Repo(root) as repo:  # DVC resolves targets against the cwd
+    with open_repo(rootp) as repo:
         if dvcfile.is_file():
             spec = yaml.safe_load(dvcfile.read_text()) or {}
             if spec.get("deps"):  # dvc import / import-url: fetch what the source has now
@@ -155,9 +153,7 @@ def check_gates(root: str, name: str, stage: str, max_regression: float | None) 
 
 def uncached_outputs(root: Path) -> list[str]:
     """Outputs dvc.yaml marks ``cache: false`` (metrics, plots, reports): DVC expects git to hold them."""
-    from dvc.repo import Repo
-
-    with contextlib.chdir(root), Repo(str(root)) as repo:
+    with open_repo(root) as repo:
         return sorted({out.def_path for stage in repo.index.stages for out in stage.outs if not out.use_cache})
 
 

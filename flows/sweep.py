@@ -149,9 +149,20 @@ def sweep(sweep_file: str, root: str = ".", address: str | None = None, workers:
     return summary
 
 
-def run_sweep(sweep_file: str | Path, root: str | Path = ".", *, address: str | None = None, workers: int | None = None) -> dict[str, Any]:
-    """Validate, then run the sweep flow on a Dask cluster built from the sweep's ``cluster`` section."""
-    p = plan(sweep_file, root, address=address, workers=workers)  # bad input fails before Prefect starts
+def run_sweep(
+    sweep_file: str | Path,
+    root: str | Path = ".",
+    *,
+    address: str | None = None,
+    workers: int | None = None,
+    checked: Plan | None = None,
+) -> dict[str, Any]:
+    """Validate, then run the sweep flow on a Dask cluster built from the sweep's ``cluster`` section.
+
+    ``checked``: the plan of these very arguments when the caller has validated them
+    already (the flow itself plans again: it is also an entry point of its own).
+    """
+    p = checked or plan(sweep_file, root, address=address, workers=workers)  # bad input fails before Prefect starts
     runner = task_runner(p.sweep.cluster.address, p.sweep.cluster.workers)
     with _shared_ephemeral_api():
         return sweep.with_options(task_runner=runner)(

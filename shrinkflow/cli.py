@@ -203,7 +203,7 @@ def sweep(
     from flows.sweep import run_sweep
 
     try:
-        summary = run_sweep(file, root, address=address, workers=workers)
+        summary = run_sweep(file, root, address=address, workers=workers, checked=p)
     except ShrinkflowError as exc:
         _fail(exc)
     typer.echo((p.out / "results.md").read_text())

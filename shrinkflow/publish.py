@@ -8,10 +8,10 @@ for S3-compatible servers). With the run-cache pushed, a fresh clone runs
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from shrinkflow.dvcrepo import open_repo
 from shrinkflow.errors import ShrinkflowError
 
 
@@ -28,22 +28,19 @@ class Published:
 
 def default_remote(root: Path) -> str | None:
     """The DVC default remote (``core.remote``), or None when none is configured."""
-    from dvc.repo import Repo
-
-    with Repo(str(root)) as repo:
+    with open_repo(root) as repo:
         return repo.config.get("core", {}).get("remote") or None
 
 
 def push_outputs(root: Path, remote: str | None = None) -> Published:
     """``dvc push --run-cache`` to ``remote`` (default: the configured default remote)."""
     from dvc.config import NoRemoteError
-    from dvc.repo import Repo
 
     root = Path(root)
     remote = remote or default_remote(root)
     if remote is None:
         return Published(remote=None, files=0)
-    with contextlib.chdir(root), Repo(str(root)) as repo:  # DVC resolves paths against the cwd
+    with open_repo(root) as repo:
         if remote not in repo.config.get("remote", {}):
             known = ", ".join(repo.config.get("remote", {})) or "none"
             raise ShrinkflowError(f"DVC remote {remote!r} is not configured (configured: {known}); add it with dvc remote add")

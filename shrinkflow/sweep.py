@@ -40,6 +40,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from schemas.params import Params
 from schemas.sweep import AutoSearch, Criterion, GridSearch, RandomSearch, Range, Sweep
 from shrinkflow.config import PARAMS_FILE, apply_to_params_file, format_validation_error, load_params, read_yaml
+from shrinkflow.dvcrepo import open_repo
 from shrinkflow.errors import InputError, ParamsError
 from shrinkflow.io import write_json, write_text
 from shrinkflow.paths import VARIANTS, StagePaths
@@ -368,10 +369,9 @@ class Plan:
 def dvc_cache_dir(root: Path) -> str:
     """The project's DVC cache folder (``dvc cache dir``)."""
     from dvc.exceptions import NotDvcRepoError
-    from dvc.repo import Repo
 
     try:
-        with Repo(str(root)) as repo:
+        with open_repo(root) as repo:
             return str(repo.cache.local_cache_dir)
     except NotDvcRepoError:
         raise InputError(f"{root} is not a DVC project: run `git init && dvc init` there (or pass --root)") from None
