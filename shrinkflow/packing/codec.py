@@ -70,6 +70,21 @@ class _Payload:
         self.spent[category] += len(data)
         return {"off": off, "len": len(data)}
 
+    def append(self, other: _Payload, desc: dict[str, Any]) -> dict[str, Any]:
+        """Append ``other``'s sections; return ``desc`` (written against ``other``) with its offsets moved here."""
+        base = len(self.buf)
+        self.buf += other.buf
+        for category, n in other.spent.items():
+            self.spent[category] += n
+
+        def moved(d: dict[str, Any]) -> dict[str, Any]:
+            out = {k: moved(v) if isinstance(v, dict) else v for k, v in d.items()}
+            if "off" in out:
+                out["off"] += base
+            return out
+
+        return moved(desc)
+
 
 # -- streams of small integers ------------------------------------------------------
 
@@ -197,15 +212,15 @@ def _read_values(payload: memoryview, desc: dict[str, Any], n: int) -> torch.Ten
 # -- one tensor ----------------------------------------------------------------------
 
 
-def _size_if_sparse(flat: torch.Tensor, entropy: bool) -> tuple[int, int]:
-    """Bytes of the best sparse position stream and its relative-index width."""
-    pos = torch.nonzero(flat, as_tuple=True)[0].numpy()
-    best = (None, 0)
+def _positions(p: _Payload, pos: np.ndarray, entropy: bool) -> dict[str, Any]:
+    """Write the non-zeros' positions as relative indices of the width whose stream is smallest."""
+    best: tuple[int, dict[str, Any], bytes] | None = None
     for w in INDEX_WIDTHS:
-        _, data = _stream_candidates(relative_indices(pos, w), 1 << w, entropy)
-        if best[0] is None or len(data) < best[0]:
-            best = (len(data), w)
-    return best  # type: ignore[return-value]
+        desc, data = _stream_candidates(relative_indices(pos, w), 1 << w, entropy)
+        if best is None or len(data) < len(best[2]):
+            best = (w, desc, data)
+    width, desc, data = best  # type: ignore[misc]
+    return {**desc, **p.add(data, "positions"), "width": width}
 
 
 def _encode_tensor(p: _Payload, name: str, t: torch.Tensor, entropy: bool = True) -> dict[str, Any]:
@@ -219,34 +234,19 @@ def _encode_tensor(p: _Payload, name: str, t: torch.Tensor, entropy: bool = True
     if str(t.dtype).removeprefix("torch.") == "bfloat16":  # torch.unique has no bf16 kernel on CPU
         flat = flat.float()
     nnz = int(torch.count_nonzero(flat))
-    # Try both layouts in a scratch payload; keep the smaller.
-    trial = {}
-    for layout in ("dense", "sparse"):
-        scratch = _Payload()
-        if layout == "dense":
-            desc = {"values": _write_values(scratch, flat, entropy)}
-        else:
-            if nnz == flat.numel() and flat.numel() > 0:
-                continue
-            _, width = _size_if_sparse(flat, entropy)
-            pos = torch.nonzero(flat, as_tuple=True)[0].numpy()
-            desc = {
-                "positions": {**_write_stream(scratch, relative_indices(pos, width), 1 << width, "positions", entropy), "width": width},
-                "values": _write_values(scratch, flat[torch.from_numpy(pos)], entropy),
-            }
-        trial[layout] = (len(scratch.buf), desc)
-    layout = min(trial, key=lambda k: trial[k][0])
-    entry["layout"] = layout
-    entry["nnz"] = nnz
-    # Re-write the chosen layout into the real payload (offsets differ from the scratch's).
-    if layout == "dense":
-        entry["values"] = _write_values(p, flat, entropy)
-    else:
-        width = trial["sparse"][1]["positions"]["width"]
+    # Write each layout into a payload of its own; append the smaller one.
+    dense = _Payload()
+    layouts = {"dense": (dense, {"values": _write_values(dense, flat, entropy)})}
+    if nnz < flat.numel():
+        sparse = _Payload()
         pos = torch.nonzero(flat, as_tuple=True)[0].numpy()
-        entry["positions"] = {**_write_stream(p, relative_indices(pos, width), 1 << width, "positions", entropy), "width": width}
-        entry["values"] = _write_values(p, flat[torch.from_numpy(pos)], entropy)
-    return entry
+        layouts["sparse"] = (sparse, {
+            "positions": _positions(sparse, pos, entropy),
+            "values": _write_values(sparse, flat[torch.from_numpy(pos)], entropy),
+        })
+    layout = min(layouts, key=lambda k: len(layouts[k][0].buf))
+    scratch, desc = layouts[layout]
+    return {**entry, "layout": layout, "nnz": nnz, **p.append(scratch, desc)}
 
 
 def _decode_tensor(payload: memoryview, entry: dict[str, Any]) -> torch.Tensor:
