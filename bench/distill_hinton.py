@@ -138,6 +138,7 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=4.0)
     ap.add_argument("--alpha", type=float, default=0.9)
     ap.add_argument("--harsh-sparsity", type=float, default=0.98)
+    ap.add_argument("--recovery-epochs", type=int, default=None, help="part b: distill.epochs (default: the preset's)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--train-limit", type=int, default=None, help="use only the first N training images (smoke runs)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "distill_hinton.json"))
@@ -155,6 +156,8 @@ def main() -> None:
             ap.error("part b compresses LeNet-300-100: use --teacher-hidden 300 100 or --parts a")
         if args.train_limit:
             base.append(f"data.train_limit={args.train_limit}")
+        if args.recovery_epochs is not None:
+            base.append(f"distill.epochs={args.recovery_epochs}")
         params = load_params(PRESET, base, root=root)
         for stage in ("data", "train_teacher"):
             run_stage(stage, params, root)
