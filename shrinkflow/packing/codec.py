@@ -58,32 +58,29 @@ class PackReport:
 
 
 class _Payload:
-    """Concatenated sections, with the bytes spent per category."""
+    """Concatenated sections, with the bytes spent per category.
 
-    def __init__(self) -> None:
+    ``base``: where this payload's first byte will sit in the file's payload, so a
+    candidate encoding written here can be appended (``append``) as it is.
+    """
+
+    def __init__(self, base: int = 0) -> None:
+        self.base = base
         self.buf = bytearray()
         self.spent = dict.fromkeys(CATEGORIES, 0)
 
     def add(self, data: bytes, category: str) -> dict[str, int]:
-        off = len(self.buf)
+        off = self.base + len(self.buf)
         self.buf += data
         self.spent[category] += len(data)
         return {"off": off, "len": len(data)}
 
-    def append(self, other: _Payload, desc: dict[str, Any]) -> dict[str, Any]:
-        """Append ``other``'s sections; return ``desc`` (written against ``other``) with its offsets moved here."""
-        base = len(self.buf)
+    def append(self, other: _Payload) -> None:
+        """Append ``other``, made with ``base`` at this payload's end."""
+        assert other.base == self.base + len(self.buf), "a candidate payload must start where this one ends"
         self.buf += other.buf
         for category, n in other.spent.items():
             self.spent[category] += n
-
-        def moved(d: dict[str, Any]) -> dict[str, Any]:
-            out = {k: moved(v) if isinstance(v, dict) else v for k, v in d.items()}
-            if "off" in out:
-                out["off"] += base
-            return out
-
-        return moved(desc)
 
 
 # -- streams of small integers ------------------------------------------------------
@@ -235,18 +232,19 @@ def _encode_tensor(p: _Payload, name: str, t: torch.Tensor, entropy: bool = True
         flat = flat.float()
     nnz = int(torch.count_nonzero(flat))
     # Write each layout into a payload of its own; append the smaller one.
-    dense = _Payload()
+    dense = _Payload(len(p.buf))
     layouts = {"dense": (dense, {"values": _write_values(dense, flat, entropy)})}
     if nnz < flat.numel():
-        sparse = _Payload()
+        sparse = _Payload(len(p.buf))
         pos = torch.nonzero(flat, as_tuple=True)[0].numpy()
         layouts["sparse"] = (sparse, {
             "positions": _positions(sparse, pos, entropy),
             "values": _write_values(sparse, flat[torch.from_numpy(pos)], entropy),
         })
     layout = min(layouts, key=lambda k: len(layouts[k][0].buf))
-    scratch, desc = layouts[layout]
-    return {**entry, "layout": layout, "nnz": nnz, **p.append(scratch, desc)}
+    chosen, desc = layouts[layout]
+    p.append(chosen)
+    return {**entry, "layout": layout, "nnz": nnz, **desc}
 
 
 def _decode_tensor(payload: memoryview, entry: dict[str, Any]) -> torch.Tensor:
