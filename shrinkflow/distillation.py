@@ -2,10 +2,10 @@
 
 The teacher's outputs on the transfer set (the training split) are computed once,
 by the train_teacher stage, and stored beside the teacher as a DVC output
-(``StagePaths.teacher_outputs``, see ``training.save_teacher_outputs``). Distillation and
-prune's fine-tuning read them from there when they were made from the same inputs,
-and pass them to ``fit`` as extra targets aligned with the split, so each epoch
-costs only the student's forward and backward passes.
+(``StagePaths.teacher_outputs``); the distill and prune stages read them back with
+``training.teacher_outputs`` and pass them in. They reach ``fit`` as extra targets
+aligned with the split, so each epoch costs only the student's forward and
+backward passes.
 
 Methods (``DISTILL_METHODS``):
 
@@ -34,7 +34,7 @@ from torch import nn
 
 from shrinkflow.data import Splits, Task
 from shrinkflow.errors import ParamsError
-from shrinkflow.training import FitResult, fit, predict, teacher_outputs
+from shrinkflow.training import FitResult, fit, predict
 
 log = logging.getLogger("shrinkflow")
 
@@ -273,7 +273,7 @@ def distill(
     after_step: Callable[[nn.Module], None] | None = None,
     live_dir: Path | None = None,
     where: str = "distill",
-    cached_outputs: Path | None = None,
+    teacher_out: torch.Tensor | None = None,
 ) -> FitResult:
     """Train ``student`` in place from ``teacher`` on ``data``'s training split (the transfer set).
 
@@ -284,8 +284,9 @@ def distill(
             ``artifacts.keep_constraints`` to keep a compressed student's zeros and
             quantization).
         live_dir: dvclive folder for the per-epoch curves of the main phase.
-        cached_outputs: the teacher's stored outputs on the training split
-            (``training.save_teacher_outputs``), used when they match the split.
+        teacher_out: the teacher's outputs on the training split when the caller
+            has them (``training.teacher_outputs`` reads the stored ones); else
+            computed here.
 
     Raises:
         ParamsError: the method does not fit the task, or hint names unknown layers.
@@ -293,7 +294,9 @@ def distill(
     method = check_method(params.method, data.task)
     X, _ = data.tensors("train")
     teacher.eval()
-    plan = DISTILL_METHODS[method](student, teacher, X, teacher_outputs(teacher, X, cached_outputs), data.task, params)
+    if teacher_out is None:
+        teacher_out = predict(teacher, X)
+    plan = DISTILL_METHODS[method](student, teacher, X, teacher_out, data.task, params)
     hook = None if after_step is None else (lambda m: after_step(plan.student(m)))
     common = dict(
         batch_size=params.batch_size, optimizer=params.optimizer, seed=seed, device=device,

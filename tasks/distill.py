@@ -16,7 +16,7 @@ from shrinkflow.data import load_splits
 from shrinkflow.distillation import check_method, distill
 from shrinkflow.errors import InputError
 from shrinkflow.measure import model_file
-from shrinkflow.training import resolve_device, seed_everything
+from shrinkflow.training import resolve_device, seed_everything, teacher_outputs
 from tasks import Context
 from tasks._common import load_upstream, pass_through, val_metric
 
@@ -47,7 +47,7 @@ def run(params: DistillParams, ctx: Context) -> DistillOutput:
         distill(
             student, teacher, splits, params, seed=ctx.seed, device=resolve_device(ctx.device),
             after_step=after_step, live_dir=ctx.paths.live(STAGE), where=STAGE,
-            cached_outputs=ctx.paths.teacher_outputs,
+            teacher_out=teacher_outputs(teacher, splits.tensors("train")[0], ctx.paths.teacher_outputs),
         )
         save_model(from_float(student, header), path, header)
     else:
