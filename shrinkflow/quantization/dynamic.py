@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.ao.quantization import MinMaxObserver, QConfig, default_dynamic_quant_observer
 
 from shrinkflow.artifacts import ModelHeader, Transform, register_transform
 from shrinkflow.quantization._compat import quiet_torch_ao
@@ -25,29 +26,26 @@ KIND = "dynamic-int8"
 
 #: Symmetric int8 range of the weights: ±127, so the largest weight is a code exactly
 #: and weights already on the grid quantize to themselves (torch.ao's default weight
-#: observer divides by 127.5 instead, which shrinks the grid at every requantization).
+#: observer spans -128..127 and divides by 127.5, which shrinks the grid at every
+#: requantization). The scale is max|w| / ((QMAX - -QMAX) / 2) = max|w| / QMAX.
 QMAX = 127
-
-
-def _scale(weight: torch.Tensor) -> float:
-    return max(float(weight.detach().abs().max()) / QMAX, torch.finfo(torch.float32).eps)
+_WEIGHT_OBSERVER = MinMaxObserver.with_args(
+    dtype=torch.qint8, qscheme=torch.per_tensor_symmetric, quant_min=-QMAX, quant_max=QMAX
+)
+_QCONFIG = QConfig(activation=default_dynamic_quant_observer, weight=_WEIGHT_OBSERVER)
 
 
 def _fake_quantize(weight: torch.Tensor) -> torch.Tensor:
-    """``weight`` rounded to the int8 grid it is saved on."""
-    return torch.fake_quantize_per_tensor_affine(weight, _scale(weight), 0, -QMAX, QMAX)
+    """``weight`` rounded to the int8 grid ``quantize_dynamic`` saves it on (the same observer)."""
+    observer = _WEIGHT_OBSERVER().to(weight.device)
+    observer(weight)
+    scale, zero_point = observer.calculate_qparams()
+    return torch.fake_quantize_per_tensor_affine(weight, float(scale), int(zero_point), -QMAX, QMAX)
 
 
 def _quantize_dynamic(model: nn.Module) -> nn.Module:
-    """torch.ao's dynamic int8 Linear modules, holding the weights on our ±127 grid."""
-    weights = {n: m.weight.detach() for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     with quiet_torch_ao():
-        qmodel = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
-        for name, mod in qmodel.named_modules():
-            if name in weights and hasattr(mod, "_packed_params"):
-                w = weights[name]
-                mod.set_weight_bias(torch.quantize_per_tensor(w, _scale(w), 0, torch.qint8), mod.bias())
-    return qmodel
+        return torch.ao.quantization.quantize_dynamic(model, {nn.Linear: _QCONFIG}, dtype=torch.qint8)
 
 
 def quantize(model: nn.Module, params: Any, env: Any = None) -> tuple[nn.Module, dict[str, Any]]:
