@@ -95,23 +95,21 @@ def _structured(model: nn.Module, params: Any, input_shape: list[int], finetune:
     remaining epochs recover at the final sparsity.
     """
     epochs = params.finetune.epochs
+    ramp = None
     if params.schedule == "gradual":
-        ramp_epochs = max(1, math.ceil(params.ramp_fraction * epochs))
-        pruner = StructuredPruner(
-            model, params, input_shape, steps=ramp_epochs,
-            ramp=lambda i, n: zhu_gupta(i, n, params.initial_sparsity, params.sparsity) / params.sparsity if i else 0.0,
-        )
-        for _ in range(ramp_epochs):
-            pruner.step()
-            finetune(model, 1, None)
-        if epochs > ramp_epochs:
-            finetune(model, epochs - ramp_epochs, None)
-        return Pruned(model=model, transforms=[pruner.entry()])
+        steps = max(1, math.ceil(params.ramp_fraction * epochs))
+        per_step, tail = 1, epochs - steps
 
-    rounds = params.rounds if params.schedule == "iterative" else 1
-    pruner = StructuredPruner(model, params, input_shape, steps=rounds)
-    for _ in range(rounds):
+        def ramp(i: int, n: int) -> float:
+            return zhu_gupta(i, n, params.initial_sparsity, params.sparsity) / params.sparsity if i else 0.0
+    else:
+        steps = params.rounds if params.schedule == "iterative" else 1
+        per_step, tail = epochs, 0
+    pruner = StructuredPruner(model, params, input_shape, steps=steps, ramp=ramp)
+    for _ in range(steps):
         pruner.step()
-        if epochs:
-            finetune(model, epochs, None)
+        if per_step:
+            finetune(model, per_step, None)
+    if tail > 0:
+        finetune(model, tail, None)
     return Pruned(model=model, transforms=[pruner.entry()])
