@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Container
 
 
-def quality_key(metrics: dict[str, Any]) -> str:
-    """``accuracy`` for classification metrics, ``mse`` for regression."""
+def quality_key(metrics: Container[str]) -> str:
+    """``accuracy`` for classification metrics, ``mse`` for regression (a metrics dict or its keys)."""
     return "accuracy" if "accuracy" in metrics else "mse"
 
 

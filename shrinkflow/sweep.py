@@ -599,7 +599,7 @@ def pareto_objectives(rows: Iterable[dict[str, Any]], sweep: Sweep) -> dict[str,
     """Quality (max accuracy / min MSE), file size and latency (the objective's batch size, else the smallest)."""
     rows = list(rows)
     keys = set().union(*(r.keys() for r in rows)) if rows else set()
-    q = "accuracy" if "accuracy" in keys else "mse"
+    q = quality_key(keys)
     lat = objective_column(sweep.objective) if sweep.objective != "size" else None
     if lat is None:
         lats = sorted((k for k in keys if k.startswith("latency_ms_b")), key=lambda k: int(k.removeprefix("latency_ms_b")))
@@ -658,7 +658,7 @@ def _fmt(v: Any) -> str:
 
 def render_markdown(rows: list[dict[str, Any]], plan: Plan, chosen: TrialResult | None, front: list[int], elapsed: float) -> str:
     s = plan.sweep
-    q = "accuracy" if any("accuracy" in r for r in rows) else "mse"
+    q = quality_key(set().union(*rows))
     lat = [c for c in pareto_objectives(rows, s) if c.startswith("latency_ms_b")]
     cols = ["trial", "status", *plan.values, q, f"teacher_{q}", "drop", "passed", "size_bytes", "compression_ratio", *lat, "seconds"]
     on_front = {rows[i]["trial"] for i in front}
