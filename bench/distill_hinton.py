@@ -56,14 +56,14 @@ sys.path.insert(0, str(ROOT))
 
 from schemas.common import Optimizer  # noqa: E402
 from schemas.distill import LogitsDistill  # noqa: E402
+from schemas.paths import StagePaths  # noqa: E402
 from shrinkflow.artifacts import ModelHeader, load_model, save_model  # noqa: E402
 from shrinkflow.config import load_params  # noqa: E402
 from shrinkflow.data import Splits, load_splits  # noqa: E402
 from shrinkflow.distillation import distill  # noqa: E402
 from shrinkflow.measure import cpu_model  # noqa: E402
-from shrinkflow.paths import StagePaths  # noqa: E402
-from shrinkflow.stages import run_stage  # noqa: E402
 from shrinkflow.training import predict, seed_everything  # noqa: E402
+from tasks.run import run_stage  # noqa: E402
 
 PRESET = ROOT / "examples" / "mnist-lenet300" / "params.yaml"
 #: Hinton et al. 2015, §3: test errors out of 10,000 (teacher 2×1200 with dropout and

@@ -3,7 +3,7 @@ request → Completed for an all-cached pipeline (process worker, 1 s poll).
 
 Builds a throwaway project from this working tree (digits, small budgets), runs the
 pipeline once with `dvc repro` (not timed), then starts a real local stack with
-shrinkflow.serve (own PREFECT_HOME, 127.0.0.1, free port) and times:
+flows.ops.serve (own PREFECT_HOME, 127.0.0.1, free port) and times:
 
 - server start → /api/health answers: first start on a fresh PREFECT_HOME (database
   migrations) and restarts on the same home;
@@ -70,7 +70,7 @@ def main() -> None:
     ap.add_argument("--poll", type=float, default=1.0, help="Worker poll interval (PREFECT_WORKER_QUERY_SECONDS).")
     args = ap.parse_args()
     sys.path.insert(0, str(REPO))
-    from shrinkflow import serve
+    from flows.ops import serve
 
     env = serve.prefect_env(None, extra={
         "GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "bench@localhost",

@@ -38,8 +38,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from flows.ops.sweep import project_files  # noqa: E402
 from shrinkflow.measure import cpu_model  # noqa: E402
-from shrinkflow.sweep import project_files  # noqa: E402
 
 SPARSITIES = [0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99]
 

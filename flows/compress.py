@@ -7,7 +7,6 @@ whichever front door ran it, and both leave the same dvc.lock.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -16,10 +15,11 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from flows.dvc_stage import reproduce
+from schemas.metrics import Metrics
+from schemas.outputs import read_manifest
+from schemas.paths import STAGES
 from shrinkflow.config import PARAMS_FILE, apply_to_params_file
-from shrinkflow.paths import STAGES, StagePaths
 from shrinkflow.report import render_table
-from shrinkflow.stages import read_manifest
 
 
 class StageResult(BaseModel):
@@ -51,7 +51,7 @@ def compress(root: str = ".", params_file: str | None = None, overrides: list[st
     rootp = Path(root).resolve()
     apply_to_params_file(rootp / PARAMS_FILE, Path(params_file) if params_file else None, overrides or [])
     results = [stage(name, str(rootp)) for name in STAGES]
-    metrics = json.loads(StagePaths(rootp).metrics.read_text())
+    metrics = Metrics.read(rootp)
     evaluation = results[-1].manifest
     verdict = "passed" if evaluation["passed"] else "FAILED: " + ", ".join(g["name"] for g in evaluation["gates"] if not g["passed"])
     create_markdown_artifact(

@@ -10,7 +10,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from shrinkflow.dvcrepo import open_repo
+from flows.ops.dvcrepo import open_repo
 
 
 def ensure_venv_on_path() -> None:

@@ -24,7 +24,6 @@ and ``shrinkflow serve`` caps the work pool at one run.
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 from typing import Annotated, Any
@@ -37,14 +36,14 @@ from prefect.tasks import exponential_backoff
 from pydantic import BaseModel, Field
 
 from flows.compress import compress
-from schemas.outputs import GateResult
+from flows.ops.dvcrepo import open_repo
+from schemas.metrics import Metrics
+from schemas.outputs import GateResult, read_manifest
+from schemas.paths import StagePaths
 from shrinkflow.config import PARAMS_FILE, load_params
-from shrinkflow.dvcrepo import open_repo
 from shrinkflow.errors import ShrinkflowError
 from shrinkflow.io import write_text
-from shrinkflow.paths import StagePaths
-from shrinkflow.report import quality_drop, quality_key, render_table
-from shrinkflow.stages import read_manifest
+from shrinkflow.report import quality_drop, render_table
 
 #: GTO artifact names: lowercase letters, digits, dashes (and / for namespaces).
 NAME_PATTERN = r"^[a-z0-9]([a-z0-9-/]*[a-z0-9])?$"
@@ -100,8 +99,9 @@ def production_quality(root: Path, prod, qkey: str) -> tuple[float | None, str]:
     """Score the production model on the current test split; fall back to its recorded metric."""
     import dvc.api
 
-    from shrinkflow.artifacts import load
+    from schemas.params import trusted
     from shrinkflow.data import load_splits
+    from shrinkflow.loading import load
     from shrinkflow.training import predict, quality
 
     rel = prod.record.get("path")
@@ -112,7 +112,7 @@ def production_quality(root: Path, prod, qkey: str) -> tuple[float | None, str]:
             dest = Path(tmp) / Path(rel).name  # keep the suffix: it selects the file format
             with dvc.api.open(rel, repo=str(root), rev=prod.commit, mode="rb") as src:
                 dest.write_bytes(src.read())
-            model = load(dest)
+            model = load(dest, trusted(load_params(root / PARAMS_FILE, root=root)))
         splits = load_splits(StagePaths(root).splits)
         X, y = splits.tensors("test")
         return quality(predict(model, X), y, splits.task), "re-scored on today's test split"
@@ -122,17 +122,17 @@ def production_quality(root: Path, prod, qkey: str) -> tuple[float | None, str]:
 
 
 @task(cache_policy=NO_CACHE)
-def check_gates(root: str, name: str, stage: str, max_regression: float | None) -> tuple[list[GateResult], dict, list[str]]:
+def check_gates(root: str, name: str, stage: str, max_regression: float | None) -> tuple[list[GateResult], Metrics, list[str]]:
     """Evaluate's gates plus no-regression vs the model now in ``stage``; returns (gates, metrics, notes)."""
-    from shrinkflow.registry import in_stage
+    from flows.ops.registry import in_stage
 
     rootp = Path(root)
     evaluation = read_manifest("evaluate", rootp)
-    metrics = json.loads(StagePaths(rootp).metrics.read_text())
+    metrics = Metrics.read(rootp)
     gates = list(evaluation.gates)
     notes: list[str] = []
     final = metrics[evaluation.final_variant]
-    qkey = quality_key(final)
+    qkey = final.quality_key
     prod = in_stage(rootp, name, stage)
     if max_regression is not None and prod is not None:
         prod_q, how = production_quality(rootp, prod, qkey)
@@ -140,9 +140,9 @@ def check_gates(root: str, name: str, stage: str, max_regression: float | None) 
             notes.append(f"no-regression gate skipped: {prod.tag} has no {qkey} ({how})")
         else:
             # accuracy: points lost; mse: relative increase. Both must stay <= max_regression.
-            value = quality_drop(prod_q, final[qkey], qkey, relative=qkey == "mse")
+            value = quality_drop(prod_q, final.quality, qkey, relative=qkey == "mse")
             gates.append(GateResult(name=f"no_regression_vs_{stage}", limit=max_regression, value=value, passed=value <= max_regression))
-            notes.append(f"{stage} model {prod.tag}: {qkey} {prod_q:.4g} ({how}); candidate {final[qkey]:.4g}")
+            notes.append(f"{stage} model {prod.tag}: {qkey} {prod_q:.4g} ({how}); candidate {final.quality:.4g}")
     elif prod is None:
         notes.append(f"no model in {stage!r} yet: nothing to compare against")
     return gates, metrics, notes
@@ -165,7 +165,7 @@ def commit_candidate(root: str, name: str) -> str:
     git-tracked data and the ``cache: false`` outputs (metrics, reports) go into git, so
     a fresh clone + ``dvc pull`` + ``dvc repro`` finds every stage up to date.
     """
-    from shrinkflow.registry import commit_paths, head
+    from flows.ops.registry import commit_paths, head
 
     rootp = Path(root)
     data_path = load_params(rootp / PARAMS_FILE, root=rootp).data.path
@@ -178,7 +178,7 @@ def commit_candidate(root: str, name: str) -> str:
 @task(cache_policy=NO_CACHE, retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=5), retry_jitter_factor=0.5)
 def publish(root: str, remote: str | None) -> str:
     """``dvc push --run-cache`` to ``remote`` (default: DVC's default remote)."""
-    from shrinkflow.publish import push_outputs
+    from flows.ops.publish import push_outputs
 
     result = push_outputs(Path(root), remote)
     if result.remote is None:
@@ -188,7 +188,7 @@ def publish(root: str, remote: str | None) -> str:
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=5))
 def push_tags(root: str, git_remote: str) -> bool:
-    from shrinkflow.publish import push_git
+    from flows.ops.publish import push_git
 
     return push_git(Path(root), git_remote)
 
@@ -196,7 +196,7 @@ def push_tags(root: str, git_remote: str) -> bool:
 @task(cache_policy=NO_CACHE)
 def promote(root: str, name: str, stage: str, record: dict) -> tuple[str, bool]:
     """Register HEAD (if new) and assign ``stage``; returns (version, moved)."""
-    from shrinkflow.registry import in_stage, register_and_assign, same_model
+    from flows.ops.registry import in_stage, register_and_assign, same_model
 
     rootp = Path(root)
     before = in_stage(rootp, name, stage)
@@ -210,7 +210,7 @@ def promote(root: str, name: str, stage: str, record: dict) -> tuple[str, bool]:
 # -------------------------------------------------------------------------------- flow
 
 
-def _decision_markdown(metrics: dict, gates: list[GateResult], notes: list[str], decision: str) -> str:
+def _decision_markdown(metrics: Metrics, gates: list[GateResult], notes: list[str], decision: str) -> str:
     lines = [render_table(metrics), "", "| gate | value | limit | result |", "|---|---|---|---|"]
     lines += [f"| {g.name} | {g.value:.4g} | {g.limit:g} | {'pass' if g.passed else '**FAIL**'} |" for g in gates]
     lines += ["", *(f"- {n}" for n in notes), "", f"**Decision:** {decision}", ""]
@@ -261,7 +261,7 @@ def retrain(
     commit_candidate(rootp, model_name)
     published = publish(rootp, remote)
     final = read_manifest("evaluate", Path(rootp)).final_variant
-    record = {"final_variant": final, "path": metrics[final].get("path"), "metrics": metrics[final],
+    record = {"final_variant": final, "path": metrics[final].path, "metrics": metrics[final].model_dump(exclude_none=True),
               "gates": [g.model_dump() for g in gates]}
     version, moved = promote(rootp, model_name, stage, record)
     if moved:

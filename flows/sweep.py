@@ -1,6 +1,6 @@
 """The sweep flow: trials of the compress chain on Dask, each in its own workspace.
 
-Wiring only; the logic is in ``shrinkflow.sweep``. The flow keeps at most one trial per
+Wiring only; the logic is in ``flows.ops.sweep``. The flow keeps at most one trial per
 Dask worker thread in flight, so that ``auto`` mode proposes each new point knowing
 every finished result and a time budget never leaves a queue behind. Teachers are
 trained once per distinct teacher config (a ``teacher`` task) before the trials that
@@ -26,7 +26,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 from prefect_dask import DaskTaskRunner
 
-from shrinkflow.sweep import PREFIX_STAGE, Plan, Searcher, TrialResult, TrialSpec, plan, run_trial, write_results
+from flows.ops.sweep import PREFIX_STAGE, Plan, Searcher, TrialResult, TrialSpec, plan, run_trial, write_results
 
 
 @task(cache_policy=NO_CACHE, retries=0, task_run_name="trial-{spec.index}")

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union, get_args
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, PositiveInt, Tag
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, PositiveInt, Tag, model_validator
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True, serialize_by_alias=True)
 
 
 def registry(key: str, default: str, *variants: type[Section]) -> Any:
@@ -30,9 +30,14 @@ def registry(key: str, default: str, *variants: type[Section]) -> Any:
 # -------------------------------------------------------------------------- model
 
 
+#: Widest layer a spec may ask for (a bound on what a model file can make the loader allocate).
+MAX_WIDTH = 2**20
+Width = Annotated[int, Field(ge=1, le=MAX_WIDTH)]
+
+
 class MLPSpec(Section):
     arch: Literal["mlp"] = Field("mlp", description="Fully connected ReLU network (LeNet-300-100 is hidden: [300, 100]).")
-    hidden: list[PositiveInt] = Field(default_factory=lambda: [64], description="Width of each hidden layer.")
+    hidden: list[Width] = Field(default_factory=lambda: [64], max_length=64, description="Width of each hidden layer.")
 
 
 class LeNet5Spec(Section):
@@ -55,14 +60,60 @@ class ModuleSpec(Section):
 ModelSpec = registry("arch", "mlp", MLPSpec, LeNet5Spec, ModuleSpec)
 
 
+# ------------------------------------------------------------------ optimizers
+
+
+class ConstantLR(Section):
+    name: Literal["constant"] = Field("constant", description="The learning rate stays `lr`.")
+
+
+class StepLR(Section):
+    name: Literal["step"] = Field(description="Multiply the learning rate by `gamma` every `step_size` epochs.")
+    step_size: PositiveInt = Field(description="Epochs between two decays.")
+    gamma: float = Field(0.1, gt=0, le=1, description="Factor applied at each decay.")
+
+
+class MultiStepLR(Section):
+    name: Literal["multistep"] = Field(description="Multiply the learning rate by `gamma` at each epoch in `milestones`.")
+    milestones: list[PositiveInt] = Field(min_length=1, description="Epochs (counted from the start of the training run) at which the rate decays, increasing.")
+    gamma: float = Field(0.1, gt=0, le=1, description="Factor applied at each milestone.")
+
+    @model_validator(mode="after")
+    def _increasing(self) -> MultiStepLR:
+        if any(b <= a for a, b in zip(self.milestones, self.milestones[1:], strict=False)):
+            raise ValueError(f"milestones must increase, got {self.milestones}")
+        return self
+
+
+class CosineLR(Section):
+    name: Literal["cosine"] = Field(description="Cosine annealing from `lr` to `min_lr` over the training run's epochs.")
+    min_lr: float = Field(0.0, ge=0, description="Learning rate at the last epoch.")
+
+
+LRSchedule = registry("name", "constant", ConstantLR, StepLR, MultiStepLR, CosineLR)
+
+
 class Optimizer(Section):
     name: Literal["sgd", "adam"] = Field("sgd", description="sgd (with momentum) or adam.")
-    lr: float = Field(0.05, gt=0, le=10, description="Learning rate.")
+    lr: float = Field(0.05, gt=0, le=10, description="Learning rate (the starting rate when `lr_schedule` decays it).")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (ignored by adam).")
     weight_decay: float = Field(0.0, ge=0, description="L2 weight decay.")
+    lr_schedule: LRSchedule = Field(
+        default_factory=ConstantLR,
+        description="How the learning rate changes per epoch of each training run (constant, step, multistep, cosine). "
+        "A run is one call of the training loop: the teacher's training, each fine-tuning phase of a pruning "
+        "schedule, centroid fine-tuning, distillation; the schedule restarts with each.",
+    )
 
 
 class Finetune(Section):
     epochs: int = Field(2, ge=0, description="Fine-tuning epochs after the stage's change (0 = none).")
     batch_size: PositiveInt = Field(64, description="Mini-batch size.")
     optimizer: Optimizer = Field(default_factory=lambda: Optimizer(lr=0.01), description="Optimizer for fine-tuning.")
+    distill_from_teacher: bool = Field(
+        False, description="Add the teacher's soft targets (models/train_teacher) to the fine-tuning loss (Hinton et al. 2015)."
+    )
+    temperature: float = Field(4.0, gt=0, le=100, description="Softmax temperature of the teacher's soft targets (with distill_from_teacher).")
+    alpha: float = Field(
+        0.7, ge=0, le=1, description="Weight of the soft-target loss; 1 - alpha weighs the labels (with distill_from_teacher)."
+    )

@@ -6,9 +6,13 @@ numbers, never tensors.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from schemas.paths import StagePaths
 
 
 class _Out(BaseModel):
@@ -109,3 +113,9 @@ STAGE_OUTPUTS: dict[str, type[StageOutput]] = {
     "distill": DistillOutput,
     "evaluate": EvaluateOutput,
 }
+
+
+def read_manifest(name: str, root: Path) -> StageOutput:
+    """The typed manifest stage ``name`` last wrote under the project ``root``."""
+    path = StagePaths(Path(root)).manifest(name)
+    return STAGE_OUTPUTS[name].model_validate(json.loads(path.read_text(encoding="utf-8")))

@@ -8,7 +8,7 @@ to a default.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, PositiveInt, model_validator
 
@@ -60,6 +60,12 @@ class Params(Section):
     """Everything the pipeline does, in one file."""
 
     seed: int = Field(0, ge=0, description="Seed for data splits, initialisation and shuffling.")
+    trusted_modules: list[Annotated[str, Field(pattern=r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")]] = Field(
+        default_factory=list,
+        description="Python modules (e.g. mypkg.nets) whose classes model files read by the pipeline may name "
+        "(arch: module); loading such a file imports that module. The modules of the model specs in this file "
+        "(train_teacher.model, distill.student) are trusted already.",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Training device; auto takes CUDA when present. Evaluation is always on CPU."
     )
@@ -78,3 +84,12 @@ class Params(Section):
                 "a regression task: use distill.method: regression (or auto)"
             )
         return self
+
+
+def trusted(params: Params) -> tuple[str, ...]:
+    """Modules model files in this pipeline may name: ``trusted_modules`` plus the specs' own classes."""
+    out = list(params.trusted_modules)
+    for spec in (params.train_teacher.model, params.distill.student):
+        if getattr(spec, "arch", None) == "module":
+            out.append(spec.import_)
+    return tuple(dict.fromkeys(out))

@@ -14,16 +14,6 @@ _PATTERNS = (
 )
 
 
-class PruneFinetune(Finetune):
-    distill_from_teacher: bool = Field(
-        False, description="Add the teacher's soft targets (models/train_teacher) to the fine-tuning loss (Hinton et al. 2015)."
-    )
-    temperature: float = Field(4.0, gt=0, description="Softmax temperature of the teacher's soft targets (with distill_from_teacher).")
-    alpha: float = Field(
-        0.7, ge=0, le=1, description="Weight of the soft-target loss; 1 - alpha weighs the labels (with distill_from_teacher)."
-    )
-
-
 class _PruneBase(Section):
     enabled: bool = Field(True, description="false passes the teacher through unchanged.")
     sparsity: float = Field(0.8, gt=0, lt=1, description="Fraction of prunable weights (Linear/Conv weights, not biases) set to zero.")
@@ -57,7 +47,43 @@ class _PruneBase(Section):
         min_length=1,
         description="Sparsities at which each layer is pruned alone for the sensitivity analysis.",
     )
-    finetune: PruneFinetune = Field(default_factory=PruneFinetune, description="Fine-tuning after pruning; pruned weights stay exactly zero.")
+    steps: list[float] | None = Field(
+        None,
+        min_length=1,
+        max_length=100,
+        description="iterative: explicit per-step targets, as the share of each layer's final target reached after "
+        "each step (increasing, the last 1.0), e.g. [0.5, 0.7, 0.85, 0.95, 1.0]; replaces `rounds`. null = `rounds` "
+        "steps that each remove the same share of the remaining weights.",
+    )
+    step_epochs: list[int] | None = Field(
+        None,
+        description="iterative: fine-tuning epochs after each step (one value per step, e.g. [4, 4, 4, 4, 16] to retrain "
+        "longer at the final sparsity); null = `finetune.epochs` after every step.",
+    )
+    finetune: Finetune = Field(default_factory=Finetune, description="Fine-tuning after pruning; pruned weights stay exactly zero.")
+
+    @model_validator(mode="after")
+    def _steps(self):  # noqa: ANN202 - pydantic validator
+        if (self.steps is not None or self.step_epochs is not None) and self.schedule != "iterative":
+            raise ValueError(f"steps and step_epochs belong to schedule: iterative (schedule is {self.schedule!r})")
+        if self.steps is not None:
+            if any(not 0 < s <= 1 for s in self.steps) or any(b <= a for a, b in zip(self.steps, self.steps[1:], strict=False)):
+                raise ValueError(f"steps must increase within (0, 1], got {self.steps}")
+            if self.steps[-1] != 1.0:
+                raise ValueError(f"the last of steps must be 1.0 (the final targets), got {self.steps[-1]}")
+        if self.step_epochs is not None:
+            n = len(self.steps) if self.steps is not None else self.rounds
+            if len(self.step_epochs) != n or any(e < 0 for e in self.step_epochs):
+                raise ValueError(f"step_epochs needs {n} epoch counts ≥ 0 (one per step), got {self.step_epochs}")
+        return self
+
+    def step_plan(self) -> list[tuple[float, int]]:
+        """iterative: (share of the final targets, fine-tuning epochs) for each step."""
+        shares = self.steps if self.steps is not None else [
+            (1.0 - (1.0 - self.sparsity) ** (r / self.rounds)) / self.sparsity for r in range(1, self.rounds + 1)
+        ]
+        epochs = self.step_epochs if self.step_epochs is not None else [self.finetune.epochs] * len(shares)
+        return list(zip(shares, epochs, strict=True))
 
     @model_validator(mode="after")
     def _check(self):  # noqa: ANN202 - pydantic validator

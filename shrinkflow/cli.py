@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 from pathlib import Path
@@ -16,6 +15,10 @@ from shrinkflow.errors import ShrinkflowError
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Declarative, reproducible model compression.")
 
 ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="Params file.")]
+AllowOpt = Annotated[
+    list[str] | None,
+    typer.Option("--allow", help="Trust this Python module (e.g. mypkg.nets) when the file names a class of it (arch: module); repeatable."),
+]
 
 
 def _fail(exc: ShrinkflowError) -> None:
@@ -29,19 +32,9 @@ def stage(
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Run one stage in the current directory (the command each dvc.yaml stage runs)."""
-    from shrinkflow.config import load_params
-    from shrinkflow.paths import STAGES
-    from shrinkflow.stages import run_stage
+    from tasks.run import main as run_stage_command  # the stage's code lives in tasks/ (dvc.yaml lists it)
 
-    if name not in STAGES:
-        typer.echo(f"error: unknown stage {name!r}; stages: {', '.join(STAGES)}", err=True)
-        raise typer.Exit(2)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    try:
-        out = run_stage(name, load_params(params), Path.cwd())
-    except ShrinkflowError as exc:
-        _fail(exc)
-    typer.echo(f"{name}: done ({type(out).__name__} → reports/{name}.json)")
+    raise typer.Exit(run_stage_command(name, params))
 
 
 @app.command()
@@ -75,14 +68,15 @@ def params_doc() -> None:
 @app.command()
 def metrics(root: Annotated[Path, typer.Option(help="Project root.")] = Path(".")) -> None:
     """Print reports/metrics.json as a table."""
-    from shrinkflow.paths import StagePaths
+    from schemas.metrics import Metrics
+    from schemas.paths import StagePaths
     from shrinkflow.report import render_table
 
     path = StagePaths(root).metrics
     if not path.is_file():
         typer.echo(f"error: {path} not found: run the pipeline first (dvc repro or shrinkflow run)", err=True)
         raise typer.Exit(2)
-    typer.echo(render_table(json.loads(path.read_text())))
+    typer.echo(render_table(Metrics.read(root)))
 
 
 @app.command()
@@ -93,17 +87,19 @@ def sensitivity(
     out: Annotated[Path, typer.Option(help="Folder for sensitivity.json/.md/.png and curves.json.")] = Path("reports/sensitivity"),
 ) -> None:
     """Prune each layer alone at several sparsities; write and print validation quality per layer."""
-    from shrinkflow.artifacts import load_model
+    from schemas.params import trusted
+    from schemas.paths import StagePaths
+    from shrinkflow import sensitivity as sens
     from shrinkflow.config import load_params
     from shrinkflow.data import load_splits
     from shrinkflow.errors import ParamsError
-    from shrinkflow.paths import StagePaths
-    from shrinkflow.pruning import sensitivity as sens
+    from shrinkflow.loading import load_model
 
     paths = StagePaths(Path.cwd())
     try:
+        p = load_params(params) if sparsities is None or params.is_file() else None  # the params name trusted modules
         if sparsities is None:
-            levels = list(load_params(params).prune.sensitivity_sparsities)
+            levels = list(p.prune.sensitivity_sparsities)
         else:
             try:
                 levels = [float(s) for s in sparsities.split(",") if s.strip()]
@@ -111,7 +107,7 @@ def sensitivity(
                 raise ParamsError(f"--sparsities: expected numbers separated by commas, got {sparsities!r}") from None
             if not levels or any(not 0 < s < 1 for s in levels):
                 raise ParamsError(f"--sparsities: every value must be in (0, 1), got {sparsities!r}")
-        net, _ = load_model(model or paths.model("train_teacher"))
+        net, _ = load_model(model or paths.model("train_teacher"), trusted(p) if p else ())
         table = sens.analyze(net, load_splits(paths.splits), levels)
     except ShrinkflowError as exc:
         _fail(exc)
@@ -135,7 +131,7 @@ def run(
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     from flows.compress import compress
-    from shrinkflow.paths import StagePaths
+    from schemas.metrics import Metrics
     from shrinkflow.report import render_table
 
     try:
@@ -144,7 +140,7 @@ def run(
         _fail(exc)
     for r in results:
         typer.echo(f"  {r.stage:<14} {'ran' if r.ran else 'cached'}")
-    typer.echo(render_table(json.loads(StagePaths(root).metrics.read_text())))
+    typer.echo(render_table(Metrics.read(root)))
     evaluation = results[-1].manifest
     for g in evaluation["gates"]:
         typer.echo(f"gate {g['name']}: {g['value']:.4g} (limit {g['limit']:g}) {'pass' if g['passed'] else 'FAIL'}")
@@ -161,7 +157,7 @@ def serve(
     poll: Annotated[float | None, typer.Option(help="Worker poll interval in seconds (PREFECT_WORKER_QUERY_SECONDS).")] = None,
 ) -> None:
     """Start a local Prefect server, the process work pool, the deployments and a worker; Ctrl-C stops them."""
-    from shrinkflow.serve import serve as run_serve
+    from flows.ops.serve import serve as run_serve
 
     try:
         run_serve(root, home.resolve() if home else None, host, port, poll)
@@ -192,7 +188,7 @@ def sweep(
     if file is None:
         typer.echo("error: give a sweep file, e.g. shrinkflow sweep examples/sweep.yaml", err=True)
         raise typer.Exit(2)
-    from shrinkflow.sweep import plan
+    from flows.ops.sweep import plan
 
     try:  # reject a bad sweep before paying for Prefect and Dask start-up
         p = plan(file, root, address=address, workers=workers)
@@ -218,12 +214,13 @@ def pack(
     model: Annotated[Path, typer.Argument(help="Model file to pack (.pt, or .sfz to repack).")],
     out: Annotated[Path, typer.Argument(help="Packed file to write, e.g. model.sfz.")],
     no_huffman: Annotated[bool, typer.Option("--no-huffman", help="Fixed-width streams (to see what entropy coding adds).")] = False,
+    allow: AllowOpt = None,
 ) -> None:
     """Pack a model into the Deep Compression format (sparse positions, shared weights, Huffman)."""
-    from shrinkflow.packing import pack_file
+    from shrinkflow.loading import pack_file
 
     try:
-        rep = pack_file(model, out, entropy=not no_huffman)
+        rep = pack_file(model, out, entropy=not no_huffman, allow=allow or [])
     except ShrinkflowError as exc:
         _fail(exc)
     parts = ", ".join(f"{k} {v:,}" for k, v in rep.breakdown.items())
@@ -234,16 +231,17 @@ def pack(
 def predict(
     model: Annotated[Path, typer.Argument(help="Model file (.pt or packed .sfz).")],
     inputs: Annotated[Path, typer.Argument(help=".npy array, or .npz with array X, shaped [N, *input_shape].")],
+    allow: AllowOpt = None,
 ) -> None:
     """Print the model's prediction for each input row (class, or regression outputs)."""
     import numpy as np
     import torch
 
-    from shrinkflow.artifacts import load_model
     from shrinkflow.errors import InputError
+    from shrinkflow.loading import load_model
 
     try:
-        net, header = load_model(model)
+        net, header = load_model(model, allow or [])
         try:
             loaded = np.load(inputs, allow_pickle=False)
             if isinstance(loaded, np.ndarray):
@@ -278,14 +276,15 @@ def export_cmd(
     check: Annotated[bool, typer.Option(help="Check parity and latency in onnxruntime on the test split (data/prepared).")] = True,
     threads: Annotated[int, typer.Option(help="Threads for both runtimes in the latency check.")] = 1,
     int8: Annotated[bool, typer.Option("--int8", help="Quantize the ONNX graph with onnxruntime's dynamic int8 quantizer.")] = False,
+    allow: AllowOpt = None,
 ) -> None:
     """Export a model to ONNX (dynamo exporter, one file) and check it against PyTorch."""
-    from shrinkflow.artifacts import load_model
+    from schemas.paths import StagePaths
     from shrinkflow.export import check_onnx, export_onnx
-    from shrinkflow.paths import StagePaths
+    from shrinkflow.loading import load_model
 
     try:
-        net, header = load_model(model)
+        net, header = load_model(model, allow or [])
         info = export_onnx(net, header, out, int8=int8)
     except ShrinkflowError as exc:
         _fail(exc)

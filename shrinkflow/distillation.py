@@ -3,11 +3,13 @@
 The teacher's outputs on the transfer set (the training split) are computed once,
 by the train_teacher stage, and stored beside the teacher as a DVC output
 (``StagePaths.teacher_outputs``); the distill and prune stages read them back with
-``training.teacher_outputs`` and pass them in. They reach ``fit`` as extra targets
-aligned with the split, so each epoch costs only the student's forward and
-backward passes.
+``training.teacher_outputs`` and pass them in (``Env.teacher_outputs``). They reach
+``fit`` as extra targets aligned with the split, so each epoch costs only the
+student's forward and backward passes.
 
-Methods (``DISTILL_METHODS``):
+Methods (``PLANS``), all run by one entry point, :func:`distill` ``(student, header,
+params, env) -> (student, header)``; the student is a compressed variant, trained with
+its zeros and quantization kept and quantized again after, or a new model:
 
 - ``logits`` (Hinton et al. 2015): ``alpha·T²·KL(p_T^teacher ‖ p_T^student) +
   (1-alpha)·CE(student, y)``.
@@ -16,7 +18,7 @@ Methods (``DISTILL_METHODS``):
   between a learned projection of a student layer and a teacher layer. The
   projection is trained with the student and discarded afterwards.
 
-A method is a function ``(student, teacher, X_train, teacher_out, task, params) -> Plan``;
+A method's plan is ``(student, teacher, X_train, teacher_out, task, params) -> Plan``;
 adding one is adding a variant to ``schemas.distill`` and an entry here.
 """
 
@@ -25,73 +27,28 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shrinkflow.data import Splits, Task
+from schemas.distill import DistillParams
+from shrinkflow.artifacts import ModelHeader, from_float, keep_constraints, to_float
+from shrinkflow.data import Task
 from shrinkflow.errors import ParamsError
+from shrinkflow.losses import KDLoss, logits_loss, regression_loss
+from shrinkflow.methods import Env
 from shrinkflow.training import FitResult, fit, predict
 
 log = logging.getLogger("shrinkflow")
-
-#: A distillation loss for ``fit``: loss(student_out, labels, teacher_out, *more_teacher_targets).
-KDLoss = Callable[..., torch.Tensor]
 
 #: Teacher hints larger than this (all of the transfer set, float32) are recomputed per
 #: batch instead of stored: a conv layer of LeNet-5 on MNIST would need gigabytes.
 MAX_STORED_HINT_BYTES = 512 * 2**20
 
 
-# ----------------------------------------------------------------------------- losses
-
-
-def soft_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``T²·KL(softmax(teacher/T) ‖ softmax(student/T))``, averaged over the batch.
-
-    The T² factor keeps the soft gradients' magnitude independent of T: the
-    gradient with respect to a student logit is ``T·(p_T^student − p_T^teacher)``
-    per sample, which tends to ``(z − v)/N`` (zero-mean logits) as T grows.
-    """
-    return (
-        F.kl_div(
-            F.log_softmax(student / temperature, dim=1),
-            F.log_softmax(teacher / temperature, dim=1),
-            reduction="batchmean",
-            log_target=True,
-        )
-        * temperature**2
-    )
-
-
-def logits_loss(temperature: float, alpha: float, use_labels: bool = True) -> KDLoss:
-    """Hinton et al. 2015: ``alpha·T²·KL + (1-alpha)·CE(student, y)``; the KL alone without labels."""
-
-    def loss(student: torch.Tensor, y: torch.Tensor, teacher: torch.Tensor, *_: torch.Tensor) -> torch.Tensor:
-        soft = soft_kl(student, teacher, temperature)
-        if not use_labels:
-            return soft
-        return alpha * soft + (1 - alpha) * F.cross_entropy(student, y)
-
-    return loss
-
-
-def regression_loss(alpha: float, use_labels: bool = True) -> KDLoss:
-    """``alpha·MSE(student, teacher) + (1-alpha)·MSE(student, y)``; the first term alone without labels."""
-
-    def loss(student: torch.Tensor, y: torch.Tensor, teacher: torch.Tensor, *_: torch.Tensor) -> torch.Tensor:
-        soft = F.mse_loss(student, teacher)
-        if not use_labels:
-            return soft
-        return alpha * soft + (1 - alpha) * F.mse_loss(student, y)
-
-    return loss
-
-
-def output_loss(method: str, params: Any) -> KDLoss:
+def output_loss(method: str, params: DistillParams) -> KDLoss:
     """The loss on the student's outputs for a resolved ``method`` (``logits`` or ``regression``)."""
     if method == "logits":
         return logits_loss(params.temperature, params.alpha, params.use_labels)
@@ -129,12 +86,12 @@ class Plan:
         return model.student if isinstance(model, _Hinted) else model
 
 
-def _logits_plan(student: nn.Module, teacher: nn.Module, X: torch.Tensor, teacher_out: torch.Tensor, task: Task, params: Any) -> Plan:
+def _logits_plan(student: nn.Module, teacher: nn.Module, X: torch.Tensor, teacher_out: torch.Tensor, task: Task, params: DistillParams) -> Plan:
     return Plan(student, output_loss("logits", params), [teacher_out])
 
 
 def _regression_plan(
-    student: nn.Module, teacher: nn.Module, X: torch.Tensor, teacher_out: torch.Tensor, task: Task, params: Any
+    student: nn.Module, teacher: nn.Module, X: torch.Tensor, teacher_out: torch.Tensor, task: Task, params: DistillParams
 ) -> Plan:
     return Plan(student, output_loss("regression", params), [teacher_out])
 
@@ -195,7 +152,7 @@ def _projection(student_feat: torch.Tensor, teacher_feat: torch.Tensor) -> nn.Mo
     return nn.Sequential(nn.Flatten(), nn.Linear(int(s.numel()), int(t.numel())))
 
 
-def _hint_plan(student: nn.Module, teacher: nn.Module, X: torch.Tensor, teacher_out: torch.Tensor, task: Task, params: Any) -> Plan:
+def _hint_plan(student: nn.Module, teacher: nn.Module, X: torch.Tensor, teacher_out: torch.Tensor, task: Task, params: DistillParams) -> Plan:
     out_method = "logits" if task == "classification" else "regression"
     base = output_loss(out_method, params)
     t_mod = named_module(teacher, params.teacher_layer, "distill.teacher_layer")
@@ -245,7 +202,7 @@ def _hint_plan(student: nn.Module, teacher: nn.Module, X: torch.Tensor, teacher_
 
 
 #: method name → plan(student, teacher, X_train, teacher_out, task, params)
-DISTILL_METHODS: dict[str, Callable[[nn.Module, nn.Module, torch.Tensor, torch.Tensor, Task, Any], Plan]] = {
+PLANS: dict[str, Callable[[nn.Module, nn.Module, torch.Tensor, torch.Tensor, Task, DistillParams], Plan]] = {
     "logits": _logits_plan,
     "regression": _regression_plan,
     "hint": _hint_plan,
@@ -257,56 +214,66 @@ def check_method(method: str, task: Task) -> str:
     method = resolve_method(method, task)
     if method == "logits" and task != "classification":
         raise ParamsError("distill.method 'logits' needs class labels but the data is a regression task: use 'regression' or 'auto'")
-    if method not in DISTILL_METHODS:
-        raise ParamsError(f"distill.method {method!r} is unknown: use one of auto, {', '.join(DISTILL_METHODS)}")
+    if method not in PLANS:
+        raise ParamsError(f"distill.method {method!r} is unknown: use one of auto, {', '.join(PLANS)}")
     return method
 
 
-def distill(
+def train_student(
     student: nn.Module,
-    teacher: nn.Module,
-    data: Splits,
-    params: Any,
+    params: DistillParams,
+    env: Env,
     *,
-    seed: int,
-    device: torch.device,
     after_step: Callable[[nn.Module], None] | None = None,
-    live_dir: Path | None = None,
     where: str = "distill",
-    teacher_out: torch.Tensor | None = None,
 ) -> FitResult:
-    """Train ``student`` in place from ``teacher`` on ``data``'s training split (the transfer set).
+    """Train the float ``student`` in place from ``env``'s teacher on the training split (the transfer set).
 
     Args:
         params: a ``distill`` params variant (``schemas.distill``): method, its keys,
             ``use_labels``, ``epochs``, ``batch_size``, ``optimizer``.
+        env: the data, the teacher (``hint`` reads its layers) and its outputs on the
+            training split (computed from the teacher when not given).
         after_step: hook called on the student after every optimizer step (e.g.
             ``artifacts.keep_constraints`` to keep a compressed student's zeros and
             quantization).
-        live_dir: dvclive folder for the per-epoch curves of the main phase.
-        teacher_out: the teacher's outputs on the training split when the caller
-            has them (``training.teacher_outputs`` reads the stored ones); else
-            computed here.
 
     Raises:
         ParamsError: the method does not fit the task, or hint names unknown layers.
     """
+    data = env.data(where)
     method = check_method(params.method, data.task)
     X, _ = data.tensors("train")
-    teacher.eval()
-    if teacher_out is None:
-        teacher_out = predict(teacher, X)
-    plan = DISTILL_METHODS[method](student, teacher, X, teacher_out, data.task, params)
+    teacher_out = env.soft_targets(where)
+    if env.teacher is None and method == "hint":
+        raise ParamsError("distill.method hint reads the teacher's layers: it needs the teacher model")
+    teacher = env.teacher.eval() if env.teacher is not None else None
+    plan = PLANS[method](student, teacher, X, teacher_out, data.task, params)
     hook = None if after_step is None else (lambda m: after_step(plan.student(m)))
     common = dict(
-        batch_size=params.batch_size, optimizer=params.optimizer, seed=seed, device=device,
+        batch_size=params.batch_size, optimizer=params.optimizer, seed=env.seed, device=env.device,
         extra_targets=plan.targets, after_step=hook,
     )
     try:
         if plan.pretrain_loss is not None:
             fit(plan.model, data, epochs=params.hint_epochs, where=where, loss_fn=plan.pretrain_loss, **common)
-        result = fit(plan.model, data, epochs=params.epochs, where=where, loss_fn=plan.loss_fn, live_dir=live_dir, **common)
+        result = fit(plan.model, data, epochs=params.epochs, where=where, loss_fn=plan.loss_fn, on_epoch=env.on_epoch, **common)
     finally:
         plan.close()
     student.cpu().eval()
     return result
+
+
+def distill(student: nn.Module, header: ModelHeader, params: DistillParams, env: Env) -> tuple[nn.Module, ModelHeader]:
+    """Every ``distill.method``'s entry point: train ``student`` under the teacher, keeping what its header says.
+
+    A compressed student (pruned, quantized, weight-shared) trains as its float
+    equivalent with its zeros and quantization kept (``artifacts.keep_constraints``)
+    and is quantized again the same way after (``artifacts.from_float``): the result
+    is the same small model with recovered accuracy. A new student (a header with no
+    transforms) simply trains.
+    """
+    trainable = to_float(student, header)
+    train_student(trainable, params, env, after_step=keep_constraints(trainable, header))
+    return from_float(trainable, header), header
+

@@ -21,3 +21,7 @@ class InputError(ShrinkflowError):
 
 class TrainingDiverged(ShrinkflowError):
     """The loss became NaN or infinite."""
+
+
+class UntrustedModel(InputError):
+    """A model file or spec names a Python class whose module the caller did not allow."""

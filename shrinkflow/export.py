@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from shrinkflow.artifacts import ModelHeader, _float_index, to_float
+from shrinkflow.artifacts import ModelHeader, float_index, to_float
 from shrinkflow.errors import InputError
 from shrinkflow.io import atomic_path
 from shrinkflow.measure import latencies_ms
@@ -39,7 +39,7 @@ from shrinkflow.training import predict, quality
 
 def exportable(model: nn.Module, header: ModelHeader) -> tuple[nn.Module, str]:
     """The float module to export and how it relates to the variant ("as is" or why not)."""
-    i = _float_index(header)
+    i = float_index(header)
     if i == len(header.transforms):
         return model.eval(), "as is (fp32)"
     kinds = [t["kind"] for t in header.transforms[i:]]

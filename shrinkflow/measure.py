@@ -55,7 +55,7 @@ def macs(model: nn.Module, header: ModelHeader) -> int | None:
 
 def sparsity_of(model: nn.Module, header: ModelHeader) -> tuple[float, dict[str, float]]:
     """Share of zeros among prunable weights (global, per layer), quantized variants included."""
-    from shrinkflow.pruning import sparsity
+    from shrinkflow.masks import sparsity
 
     return sparsity(to_float(model, header))
 

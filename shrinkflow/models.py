@@ -1,17 +1,21 @@
 """Model architectures and the one function that builds them from a spec.
 
-A spec is plain data (see ``schemas.params.ModelSpec``) so that a checkpoint can
-carry its architecture without pickling any Python object.
+A spec is plain data (see ``schemas.common.ModelSpec``) so that a checkpoint can
+carry its architecture without pickling any Python object. A spec naming a user
+class (``arch: module``) is built only when its module is trusted (``allow``).
 """
 
 from __future__ import annotations
 
 import importlib
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
+
+from shrinkflow.errors import InputError, UntrustedModel
 
 
 class MLP(nn.Module):
@@ -70,56 +74,89 @@ def lenet5_padding(in_shape: Sequence[int], padding: int | None) -> int:
     return 0 if min(in_shape[1:]) >= 16 else 2
 
 
-def import_object(target: str) -> Any:
-    """Import ``"package.module:Name"`` and return ``Name``.
+def _allowed(module_name: str, attr: str, allow: Sequence[str]) -> bool:
+    """``module:Class`` is allowed by an entry naming it, its module, or a package above it."""
+    for entry in allow:
+        mod, sep, cls = entry.partition(":")
+        if sep and mod == module_name and cls == attr:
+            return True
+        if not sep and (module_name == mod or module_name.startswith(mod + ".")):
+            return True
+    return False
+
+
+def module_class(target: str, allow: Sequence[str], where: str = "model spec") -> type[nn.Module]:
+    """The ``nn.Module`` subclass ``"package.module:ClassName"`` names, imported only when trusted.
+
+    Importing a module runs its top-level code, so only modules in ``allow`` (module
+    names, which also cover their submodules, or exact ``module:Class`` targets) are
+    imported; the object must be an ``nn.Module`` subclass before anything is called.
 
     Raises:
-        ValueError: the string is not of that form, or the import fails.
+        UntrustedModel: ``target`` is not in ``allow``.
+        InputError: the import fails, or the object is not an ``nn.Module`` subclass.
     """
     module_name, sep, attr = target.partition(":")
     if not sep or not module_name or not attr:
-        raise ValueError(f"expected 'package.module:ClassName', got {target!r}")
+        raise InputError(f"{where}: expected 'package.module:ClassName', got {target!r}")
+    if not _allowed(module_name, attr, allow):
+        raise UntrustedModel(
+            f"{where} names the class {target!r}: loading it would import and run the code of {module_name!r}. "
+            f"If you trust that code, allow it: shrinkflow.load(path, allow=[{module_name!r}]), "
+            f"`--allow {module_name}` on the command line, or `trusted_modules: [{module_name}]` in params.yaml"
+        )
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ValueError(f"cannot import module {module_name!r}: {exc}") from exc
-    try:
-        return getattr(module, attr)
-    except AttributeError as exc:
-        raise ValueError(f"module {module_name!r} has no attribute {attr!r}") from exc
+        raise InputError(f"{where}: cannot import module {module_name!r}: {exc}") from exc
+    cls = getattr(module, attr, None)
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        what = "nothing" if cls is None else f"a {type(cls).__name__}"
+        raise InputError(f"{where}: {target!r} is {what}, not a torch.nn.Module subclass")
+    return cls
 
 
-def build_model(spec: dict[str, Any], in_shape: Sequence[int], out_features: int) -> nn.Module:
-    """Build an untrained model from a spec dict.
+def estimate_params(spec: Any, in_shape: Sequence[int], out_features: int) -> int | None:
+    """Parameters a built-in architecture will have, from the spec alone (None for user modules)."""
+    if spec.arch == "mlp":
+        widths = [math.prod(int(d) for d in in_shape), *spec.hidden, out_features]
+        return sum(a * b + b for a, b in zip(widths, widths[1:], strict=False))
+    if spec.arch == "lenet5":
+        c = int(in_shape[0]) if in_shape else 1
+        pixels = math.prod(int(d) for d in in_shape[1:]) if len(in_shape) > 1 else 1
+        return c * 20 * 25 + 20 + 20 * 50 * 25 + 50 + 50 * pixels * 500 + 500 + 500 * out_features + out_features
+    return None
+
+
+def build_model(spec: Any, in_shape: Sequence[int], out_features: int, allow: Sequence[str] = ()) -> nn.Module:
+    """Build an untrained model from a spec (``schemas.common.ModelSpec``).
 
     Args:
-        spec: ``{"arch": "mlp", "hidden": [..]}``, ``{"arch": "lenet5", "padding": p}``
-            or ``{"arch": "module", "import": "pkg.mod:Class", "kwargs": {..}}``. A user
-            module is called as ``Class(**kwargs)``; it must accept inputs of
+        spec: ``MLPSpec`` (``{"arch": "mlp", "hidden": [..]}``), ``LeNet5Spec`` or
+            ``ModuleSpec`` (``{"arch": "module", "import": "pkg.mod:Class", "kwargs": {..}}``).
+            A user module is built as ``Class(**kwargs)``; it must accept inputs of
             ``in_shape`` (batch first) and return ``out_features`` outputs.
         in_shape: shape of one input without the batch dimension, e.g. ``[1, 8, 8]``.
         out_features: number of classes, or 1 for regression.
+        allow: modules trusted to be imported for ``arch: module`` (see ``module_class``).
     """
-    arch = spec["arch"]
+    arch = spec.arch
     if arch == "mlp":
-        in_features = 1
-        for d in in_shape:
-            in_features *= int(d)
-        return MLP(in_features, list(spec.get("hidden", [])), out_features)
+        return MLP(math.prod(int(d) for d in in_shape), list(spec.hidden), out_features)
     if arch == "lenet5":
         if len(in_shape) != 3:
-            raise ValueError(
+            raise InputError(
                 f"lenet5 needs image inputs shaped [channels, height, width], got {list(in_shape)}; "
                 "use arch: mlp for tabular data"
             )
-        return LeNet5(in_shape, out_features, lenet5_padding(in_shape, spec.get("padding")))
+        return LeNet5(in_shape, out_features, lenet5_padding(in_shape, spec.padding))
     if arch == "module":
-        cls = import_object(spec["import"])
-        model = cls(**dict(spec.get("kwargs") or {}))
-        if not isinstance(model, nn.Module):
-            raise ValueError(f"{spec['import']} did not build a torch.nn.Module")
-        return model
-    raise ValueError(f"unknown arch {arch!r}")
+        cls = module_class(spec.import_, allow)
+        try:
+            return cls(**dict(spec.kwargs))
+        except Exception as exc:  # a user class refusing its kwargs
+            raise InputError(f"{spec.import_}(**{dict(spec.kwargs)}) failed: {type(exc).__name__}: {exc}") from exc
+    raise InputError(f"unknown arch {arch!r}")  # pragma: no cover - the schema forbids it
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:

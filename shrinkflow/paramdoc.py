@@ -46,7 +46,7 @@ def _rows(model: type[BaseModel], prefix: str, out: list[str], seen: set[str]) -
             else:
                 out.append(f"| `{key}` | section | | {doc} |")
             for sub in subs:
-                tag = next((f for f in ("method", "source", "arch") if f in sub.model_fields), None)
+                tag = next((f for f in ("method", "source", "arch", "name", "mode") if f in sub.model_fields), None)
                 label = f"{key} ({tag}: {sub.model_fields[tag].annotation.__args__[0]})" if tag and len(subs) > 1 else key
                 seen.add(label)
                 if len(subs) > 1:
@@ -62,7 +62,7 @@ def params_reference() -> str:
         "# params.yaml reference",
         "",
         "Generated from the schema (`shrinkflow params-doc`); the same text is in `shrinkflow schema`.",
-        "Keys of a variant apply when its `method` / `source` / `arch` is chosen.",
+        "Keys of a variant apply when its `method` / `source` / `arch` / `name` is chosen.",
         "",
         "| key | kind | default | description |",
         "|---|---|---|---|",

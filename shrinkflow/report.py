@@ -1,13 +1,8 @@
-"""Reading reports/metrics.json: the quality metric of a task and the variants table."""
+"""Reading reports/metrics.json (``schemas.metrics.Metrics``): quality drops and the variants table."""
 
 from __future__ import annotations
 
-from collections.abc import Container
-
-
-def quality_key(metrics: Container[str]) -> str:
-    """``accuracy`` for classification metrics, ``mse`` for regression (a metrics dict or its keys)."""
-    return "accuracy" if "accuracy" in metrics else "mse"
+from schemas.metrics import Metrics
 
 
 def quality_drop(teacher: float, final: float, key: str, relative: bool = False) -> float:
@@ -16,12 +11,11 @@ def quality_drop(teacher: float, final: float, key: str, relative: bool = False)
     return drop / max(abs(teacher), 1e-12) if relative else drop
 
 
-def render_table(metrics: dict[str, dict]) -> str:
+def render_table(metrics: Metrics) -> str:
     """A markdown table of metrics.json (printed by ``shrinkflow metrics`` and ``shrinkflow run``)."""
-    first = next(iter(metrics.values()))
-    batch_sizes = sorted(int(k.removeprefix("latency_ms_b")) for k in first if k.startswith("latency_ms_b"))
-    cols = [quality_key(first), "agreement", "size_bytes", "compression_ratio", "params", "nonzero_params", "sparsity", "macs"]
-    for b in batch_sizes:
+    first = next(iter(metrics.root.values()))
+    cols = [metrics.quality_key, "agreement", "size_bytes", "compression_ratio", "params", "nonzero_params", "sparsity", "macs"]
+    for b in first.batch_sizes:
         cols += [f"latency_ms_b{b}", f"speedup_b{b}"]
     lines = ["| variant | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, m in metrics.items():

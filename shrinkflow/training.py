@@ -53,6 +53,19 @@ def make_optimizer(model: nn.Module, cfg: Optimizer) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
+def make_scheduler(opt: torch.optim.Optimizer, cfg: Optimizer, epochs: int) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """torch's scheduler for ``cfg.lr_schedule``, stepped once per epoch of a run of ``epochs``; None when constant."""
+    s = cfg.lr_schedule
+    sched = torch.optim.lr_scheduler
+    if s.name == "step":
+        return sched.StepLR(opt, step_size=s.step_size, gamma=s.gamma)
+    if s.name == "multistep":
+        return sched.MultiStepLR(opt, milestones=list(s.milestones), gamma=s.gamma)
+    if s.name == "cosine":
+        return sched.CosineAnnealingLR(opt, T_max=max(1, epochs - 1), eta_min=s.min_lr)
+    return None
+
+
 @torch.no_grad()
 def predict(model: nn.Module, X: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
     """Model outputs on CPU for all of ``X``."""
@@ -127,7 +140,7 @@ def fit(
     loss_fn: LossFn | None = None,
     extra_targets: Sequence[torch.Tensor] = (),
     after_step: Callable[[nn.Module], None] | None = None,
-    live_dir: Path | None = None,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
 ) -> FitResult:
     """Train ``model`` in place on ``data``'s train split.
 
@@ -137,7 +150,8 @@ def fit(
             after the labels (e.g. the teacher's logits for distillation).
         after_step: called after every optimizer step (e.g. to keep pruned weights zero).
         where: the params section being run, named in errors (``train_teacher``).
-        live_dir: where dvclive writes per-epoch curves; None = no curves.
+        on_epoch: receives each epoch's row (``train_loss``, ``lr``, ``val_metric``), e.g. to
+            write per-epoch curves.
 
     Raises:
         TrainingDiverged: the loss became NaN or infinite.
@@ -146,10 +160,10 @@ def fit(
     X, y = data.tensors("train")
     Xv, yv = data.tensors("val")
     opt = make_optimizer(model, optimizer)
+    scheduler = make_scheduler(opt, optimizer, epochs)
     gen = torch.Generator().manual_seed(seed)
     model.to(device)
     result = FitResult(epochs=epochs, val_metric=None)
-    live = _live(live_dir)
     n_batches = math.ceil(len(X) / batch_size)
     progress = None
     if _show_progress() and epochs:
@@ -180,36 +194,21 @@ def fit(
                 total += loss.item() * len(idx)
                 if progress is not None:
                     progress.update(bar, advance=1, description=f"{where} epoch {epoch}/{epochs}")
-            row = {"epoch": epoch, "train_loss": total / len(X)}
+            row = {"epoch": epoch, "train_loss": total / len(X), "lr": opt.param_groups[0]["lr"]}
+            if scheduler is not None:
+                scheduler.step()
             if len(Xv):
                 row["val_metric"] = quality(predict(model, Xv), yv, data.task)
                 result.val_metric = row["val_metric"]
             result.history.append(row)
             log.info("%s epoch %d/%d %s", where, epoch, epochs, " ".join(f"{k}={v:.4f}" for k, v in row.items() if k != "epoch"))
-            if live is not None:
-                for k, v in row.items():
-                    if k != "epoch":
-                        live.log_metric(k, v)
-                live.next_step()
+            if on_epoch is not None:
+                on_epoch({k: v for k, v in row.items() if k != "epoch"})
     finally:
         if progress is not None:
             progress.stop()
-        if live is not None:
-            live.end()
     model.cpu().eval()
     if result.val_metric is None and len(Xv):
         result.val_metric = quality(predict(model, Xv), yv, data.task)
     return result
 
-
-def _live(live_dir: Path | None):
-    if live_dir is None:
-        return None
-    from dvclive import Live
-
-    try:
-        # dvcyaml=False: dvclive must not rewrite dvc.yaml from inside a stage.
-        return Live(dir=str(live_dir), save_dvc_exp=False, dvcyaml=False, report=None)
-    except Exception as exc:  # dvclive refuses e.g. a git repo without commits
-        log.warning("per-epoch curves disabled (%s): dvclive needs a git repo with at least one commit", exc)
-        return None

@@ -1,6 +1,6 @@
 """One module per stage: ``run(params, ctx) -> <Stage>Output``.
 
-Pure logic: no Prefect, no DVC. ``shrinkflow.stages`` calls them for both front
+Pure logic: no Prefect, no DVC. ``tasks.run`` dispatches to them for both front
 doors (``dvc repro`` and the Prefect flow).
 """
 
@@ -8,13 +8,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from shrinkflow.paths import StagePaths
+from schemas.paths import StagePaths
 
 
 @dataclass(frozen=True)
 class Context:
-    """What a stage needs besides its own params section."""
+    """What a stage needs besides its own params section.
+
+    trusted: modules whose classes the pipeline's model files may name (``arch: module``).
+    """
 
     paths: StagePaths
     seed: int = 0
     device: str = "cpu"
+    trusted: tuple[str, ...] = ()

@@ -6,36 +6,39 @@ import os
 
 import torch
 
+from schemas.metrics import Metrics, VariantMetrics
 from schemas.outputs import EvaluateOutput, GateResult
 from schemas.params import EvaluateParams
-from shrinkflow.artifacts import load_model
+from schemas.paths import VARIANTS
 from shrinkflow.data import load_splits
 from shrinkflow.io import write_json, write_text
+from shrinkflow.loading import load_model
 from shrinkflow.measure import cpu_model, latencies_ms, macs, model_file, sparsity_of
-from shrinkflow.paths import VARIANTS
+from shrinkflow.packing import pack_model
 from shrinkflow.report import quality_drop, render_table
 from shrinkflow.training import predict, quality
 from tasks import Context
+from tasks._common import load
 
 FINAL = "student"
 
 
-def _gates(params: EvaluateParams, metrics: dict[str, dict], task: str) -> list[GateResult]:
+def _gates(params: EvaluateParams, metrics: Metrics, task: str) -> list[GateResult]:
     teacher, final = metrics["teacher"], metrics[FINAL]
     g = params.gates
     out: list[GateResult] = []
     if g.max_accuracy_drop is not None and task == "classification":
-        drop = quality_drop(teacher["accuracy"], final["accuracy"], "accuracy")
+        drop = quality_drop(teacher.accuracy, final.accuracy, "accuracy")
         out.append(GateResult(name="max_accuracy_drop", limit=g.max_accuracy_drop, value=drop, passed=drop <= g.max_accuracy_drop))
     if g.max_mse_ratio is not None and task == "regression":
-        ratio = final["mse"] / max(teacher["mse"], 1e-12)
+        ratio = final.mse / max(teacher.mse, 1e-12)
         out.append(GateResult(name="max_mse_ratio", limit=g.max_mse_ratio, value=ratio, passed=ratio <= g.max_mse_ratio))
     if g.min_compression_ratio is not None:
-        r = final["compression_ratio"]
+        r = final.compression_ratio
         out.append(GateResult(name="min_compression_ratio", limit=g.min_compression_ratio, value=r, passed=r >= g.min_compression_ratio))
     if g.max_latency_ms is not None:
         b = min(params.batch_sizes)
-        ms = final[f"latency_ms_b{b}"]
+        ms = final.latency_ms(b)
         out.append(GateResult(name=f"max_latency_ms_b{b}", limit=g.max_latency_ms, value=ms, passed=ms <= g.max_latency_ms))
     return out
 
@@ -46,11 +49,9 @@ def _pack_variant(variant: str, model, header, unpacked, ctx: Context):
     Returns the loaded model, its header, the packed file's description and the
     pack summary (also written to models/evaluate/pack.json).
     """
-    from shrinkflow.packing import pack_model
-
     path = ctx.paths.packed(variant)
     rep = pack_model(model, header, path)
-    loaded, header = load_model(path)
+    loaded, header = load_model(path, ctx.trusted)
     summary = {
         "variant": variant,
         "path": ctx.paths.rel(path),
@@ -94,7 +95,7 @@ def run(params: EvaluateParams, ctx: Context) -> EvaluateOutput:
     packed: dict | None = None
     for stage, variant in VARIANTS.items():
         path = ctx.paths.model(stage)
-        models[variant], header = load_model(path)
+        models[variant], header = load(stage, ctx)
         files[variant] = model_file(path, models[variant], header, ctx.paths.root)
         if variant == params.pack:
             models[variant], header, files[variant], packed = _pack_variant(variant, models[variant], header, files[variant], ctx)
@@ -103,7 +104,7 @@ def run(params: EvaluateParams, ctx: Context) -> EvaluateOutput:
         write_json(ctx.paths.pack_summary, {"variant": None, "reason": f"evaluate.pack: {params.pack}"})
     outputs = {v: predict(m, X) for v, m in models.items()}
     lat = latencies_ms(models, X, params.batch_sizes, threads=params.threads, min_run_time=params.min_run_time)
-    metrics: dict[str, dict] = {}
+    rows: dict[str, VariantMetrics] = {}
     t = "teacher"
     for v, out in outputs.items():
         agreement = (
@@ -128,11 +129,12 @@ def run(params: EvaluateParams, ctx: Context) -> EvaluateOutput:
         m["compression_ratio"] = files[t].size_bytes / files[v].size_bytes
         for b in params.batch_sizes:
             m[f"speedup_b{b}"] = lat[t][b] / lat[v][b]
-        metrics[v] = m
-    write_json(ctx.paths.metrics, metrics)
+        rows[v] = VariantMetrics(**m)
+    metrics = Metrics(rows)
+    write_json(ctx.paths.metrics, metrics.as_json())
     write_json(
         ctx.paths.variants_plot,
-        [{"variant": v, "size_bytes": m["size_bytes"], "quality": m[qkey], "metric": qkey} for v, m in metrics.items()],
+        [{"variant": v, "size_bytes": m.size_bytes, "quality": m.quality, "metric": qkey} for v, m in metrics.items()],
     )
     gates = _gates(params, metrics, task)
     host = f"{cpu_model()}, torch {torch.__version__}, {params.threads} thread(s), {os.cpu_count()} CPUs"

@@ -7,47 +7,22 @@ sparsity. ``structured`` shrinks the layers and records how in the file's header
 
 from __future__ import annotations
 
-import math
-
 from schemas.outputs import PruneOutput
 from schemas.params import PruneParams
 from schemas.prune import MagnitudePrune, RandomPrune
-from shrinkflow.artifacts import load_model, save_model
-from shrinkflow.data import Splits, load_splits
-from shrinkflow.distillation import logits_loss, regression_loss
+from shrinkflow import sensitivity as sens
+from shrinkflow.artifacts import save_model
+from shrinkflow.data import load_splits
+from shrinkflow.masks import prunable, sparsity
 from shrinkflow.measure import macs, model_file
 from shrinkflow.models import count_params
-from shrinkflow.pruning import prunable, sparsity
-from shrinkflow.pruning import sensitivity as sens
+from shrinkflow.pruning import PRUNERS
 from shrinkflow.pruning.magnitude import layer_name, layer_targets
-from shrinkflow.pruning.schedule import run_schedule
-from shrinkflow.pruning.storage import NAME as SPARSE
-from shrinkflow.training import fit, resolve_device, seed_everything, teacher_outputs
+from shrinkflow.training import seed_everything
 from tasks import Context
-from tasks._common import load_upstream, pass_through, val_metric
+from tasks._common import load, load_upstream, method_env, no_curves, pass_through, val_metric
 
 STAGE = "prune"
-
-
-def _finetuner(params: PruneParams, splits: Splits, ctx: Context):
-    """``finetune(model, epochs, after_step)`` with the section's optimizer, and the teacher's soft targets if asked."""
-    ft = params.finetune
-    loss_fn, extra = None, []
-    if ft.distill_from_teacher:
-        teacher, _ = load_model(ctx.paths.model("train_teacher"))
-        extra = [teacher_outputs(teacher, splits.tensors("train")[0], ctx.paths.teacher_outputs)]
-        loss_fn = (
-            logits_loss(ft.temperature, ft.alpha) if splits.task == "classification" else regression_loss(alpha=ft.alpha)
-        )
-
-    def finetune(model, epochs, after_step):
-        return fit(
-            model, splits, epochs=epochs, batch_size=ft.batch_size, optimizer=ft.optimizer, seed=ctx.seed,
-            device=resolve_device(ctx.device), where=f"{STAGE}.finetune", loss_fn=loss_fn, extra_targets=extra,
-            after_step=after_step, live_dir=ctx.paths.live(STAGE),
-        )
-
-    return finetune
 
 
 def _auto_layers(params: PruneParams, table: dict, model) -> dict[str, float]:
@@ -84,17 +59,15 @@ def run(params: PruneParams, ctx: Context) -> PruneOutput:
             layers = _auto_layers(params, table, model)
             params = params.model_copy(update={"layers": layers})
             extra["allocation"] = layers
-        steps_per_epoch = math.ceil(len(splits.tensors("train")[0]) / params.finetune.batch_size)
-        result = run_schedule(model, params, header.input_shape, _finetuner(params, splits, ctx), steps_per_epoch)
-        for entry in result.transforms:
-            header = header.with_transform(**entry)
-        header = header.model_copy(update={"masked": header.masked or bool(result.masks), "storage": SPARSE})
-        save_model(result.model, path, header)
+        with method_env(STAGE, ctx, splits, teacher=params.finetune.distill_from_teacher, curves=True) as env:
+            model, header = PRUNERS[params.method](model, header, params, env)
+        save_model(model, path, header)
         extra.update(method=params.method, schedule=params.schedule)
     else:
         pass_through(STAGE, ctx)
+        no_curves(STAGE, ctx)
         sens.write_disabled(ctx.paths.sensitivity)
-    model, header = load_model(path)
+    model, header = load(STAGE, ctx)
     total, per_layer = sparsity(model)
     return PruneOutput(
         enabled=params.enabled,

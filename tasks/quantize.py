@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from schemas.outputs import QuantizeOutput
 from schemas.params import QuantizeParams
-from shrinkflow.artifacts import load_model, save_model, to_float
+from shrinkflow.artifacts import save_model, to_float
 from shrinkflow.data import load_splits
 from shrinkflow.errors import ShrinkflowError
+from shrinkflow.masks import masks_from_zeros
 from shrinkflow.measure import model_file, sparsity_of
-from shrinkflow.pruning import masks_from_zeros
-from shrinkflow.quantization import QUANTIZERS, QuantEnv
-from shrinkflow.training import resolve_device, seed_everything
+from shrinkflow.quantization import QUANTIZERS
+from shrinkflow.training import seed_everything
 from tasks import Context
-from tasks._common import load_upstream, pass_through, val_metric
+from tasks._common import load, load_upstream, method_env, pass_through, val_metric
 
 STAGE = "quantize"
 
@@ -24,15 +24,15 @@ def run(params: QuantizeParams, ctx: Context) -> QuantizeOutput:
         seed_everything(ctx.seed)
         model, header = load_upstream(STAGE, ctx)
         kept = masks_from_zeros(to_float(model, header))
-        # No per-epoch curves (live_dir=None): most methods do not train, and DVC
-        # would then miss a declared curves folder.
-        env = QuantEnv(splits=splits, header=header, seed=ctx.seed, device=resolve_device(ctx.device))
-        qmodel, entry = QUANTIZERS[params.method](model, params, env)
-        header = header.with_transform(entry.pop("kind"), **entry)
+        # No per-epoch curves: most methods do not train, and DVC would then miss a
+        # declared curves folder.
+        finetune = getattr(params, "finetune", None)
+        with method_env(STAGE, ctx, splits, teacher=bool(finetune and finetune.epochs and finetune.distill_from_teacher)) as env:
+            qmodel, header = QUANTIZERS[params.method](model, header, params, env)
         save_model(qmodel, path, header)
     else:
         pass_through(STAGE, ctx)
-    model, header = load_model(path)
+    model, header = load(STAGE, ctx)
     total, _ = sparsity_of(model, header)
     if params.enabled:
         after = masks_from_zeros(to_float(model, header))
@@ -46,4 +46,3 @@ def run(params: QuantizeParams, ctx: Context) -> QuantizeOutput:
         sparsity=total,
         val_metric=val_metric(model, splits) if splits is not None else None,
     )
-

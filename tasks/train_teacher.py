@@ -6,13 +6,14 @@ import time
 
 from schemas.outputs import TrainTeacherOutput
 from schemas.params import TrainTeacherParams
-from shrinkflow.artifacts import ModelHeader, load_checkpoint, save_model
+from shrinkflow.artifacts import ModelHeader, save_model
 from shrinkflow.data import Splits, load_splits
 from shrinkflow.errors import InputError
+from shrinkflow.loading import load_checkpoint
 from shrinkflow.measure import model_file
-from shrinkflow.training import fit, resolve_device, save_teacher_outputs, seed_everything
+from shrinkflow.training import fit, save_teacher_outputs, seed_everything
 from tasks import Context
-from tasks._common import val_metric
+from tasks._common import method_env, no_curves, val_metric
 
 STAGE = "train_teacher"
 
@@ -22,18 +23,20 @@ def run(params: TrainTeacherParams, ctx: Context) -> TrainTeacherOutput:
     header = ModelHeader.for_data(params.model, splits)
     start = time.perf_counter()
     if params.checkpoint:
-        model, header = load_checkpoint(ctx.paths.root / params.checkpoint, header, "train_teacher.checkpoint")
+        model, header = load_checkpoint(ctx.paths.root / params.checkpoint, header, "train_teacher.checkpoint", ctx.trusted)
         val, epochs = val_metric(model, splits), 0
+        no_curves(STAGE, ctx)
     else:
         seed_everything(ctx.seed)
         try:
-            model = header.build()
-        except ValueError as exc:
-            raise InputError(f"train_teacher.model: {exc}") from exc
-        res = fit(
-            model, splits, epochs=params.epochs, batch_size=params.batch_size, optimizer=params.optimizer,
-            seed=ctx.seed, device=resolve_device(ctx.device), where=STAGE, live_dir=ctx.paths.live(STAGE),
-        )
+            model = header.build(allow=ctx.trusted)
+        except InputError as exc:
+            raise type(exc)(f"train_teacher.model: {exc}") from None
+        with method_env(STAGE, ctx, splits, curves=True) as env:
+            res = fit(
+                model, splits, epochs=params.epochs, batch_size=params.batch_size, optimizer=params.optimizer,
+                seed=ctx.seed, device=env.device, where=STAGE, on_epoch=env.on_epoch,
+            )
         val, epochs = res.val_metric, res.epochs
     path = ctx.paths.model(STAGE)
     save_model(model, path, header)

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from conftest import BIN, project_env
 
-from shrinkflow import serve
+from flows.ops import serve
 
 S3_BUCKET = "shrinkflow-test"
 S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}

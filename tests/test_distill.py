@@ -14,16 +14,19 @@ from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
 from schemas.common import Optimizer
 from schemas.distill import HintDistill, LogitsDistill, RegressionDistill
+from schemas.paths import StagePaths
 from shrinkflow import distillation, training
-from shrinkflow.artifacts import ModelHeader, load_model, to_float
+from shrinkflow.artifacts import ModelHeader, to_float
 from shrinkflow.config import load_params
 from shrinkflow.data import Splits, load_splits
-from shrinkflow.distillation import DISTILL_METHODS, distill, logits_loss, regression_loss, soft_kl
+from shrinkflow.distillation import PLANS, train_student
 from shrinkflow.errors import ParamsError
-from shrinkflow.paths import StagePaths
-from shrinkflow.pruning import prunable
-from shrinkflow.stages import run_stage
+from shrinkflow.loading import load_model
+from shrinkflow.losses import logits_loss, regression_loss, soft_kl
+from shrinkflow.masks import prunable
+from shrinkflow.methods import Env
 from shrinkflow.training import fit, predict, quality, save_teacher_outputs, seed_everything, teacher_outputs
+from tasks.run import run_stage
 
 CPU = torch.device("cpu")
 
@@ -124,7 +127,7 @@ def test_distilled_student_beats_scratch_across_seeds(digits, teacher):
         a = _build(sub, [16], seed)
         fit(a, sub, seed=seed, device=CPU, where="scratch", **budget)
         b = _build(sub, [16], seed)
-        distill(b, teacher, sub, LogitsDistill(temperature=4.0, alpha=0.9, **budget), seed=seed, device=CPU)
+        train_student(b, LogitsDistill(temperature=4.0, alpha=0.9, **budget), Env(splits=sub, seed=seed, teacher=teacher))
         scratch.append(_accuracy(a, digits))
         kd.append(_accuracy(b, digits))
     assert sum(kd) / 3 > sum(scratch) / 3 + 0.02, (scratch, kd)
@@ -154,13 +157,13 @@ def test_use_labels_false_never_reads_the_labels(digits, teacher):
     states = []
     for data in (sub, shuffled):
         model = _build(sub, [16], 1)
-        distill(model, teacher, data, params, seed=1, device=CPU)
+        train_student(model, params, Env(splits=data, seed=1, teacher=teacher))
         states.append(model.state_dict())
     for k in states[0]:
         assert torch.equal(states[0][k], states[1][k]), k
     # ...whereas with labels the permuted labels change the result.
     model = _build(sub, [16], 1)
-    distill(model, teacher, shuffled, LogitsDistill(epochs=2, batch_size=32), seed=1, device=CPU)
+    train_student(model, LogitsDistill(epochs=2, batch_size=32), Env(splits=shuffled, seed=1, teacher=teacher))
     assert not torch.equal(model.state_dict()["net.1.weight"], states[0]["net.1.weight"])
 
 
@@ -176,7 +179,7 @@ def test_hint_trains_a_projection_and_discards_it(digits, teacher):
     student = _build(sub, [16], 0)
     before = {k: v.clone() for k, v in student.state_dict().items()}
     X = sub.tensors("train")[0]
-    plan = DISTILL_METHODS["hint"](student, teacher, X, predict(teacher, X), sub.task, _hint(hint_epochs=3, weight=1.0))
+    plan = PLANS["hint"](student, teacher, X, predict(teacher, X), sub.task, _hint(hint_epochs=3, weight=1.0))
     assert plan.targets[1].shape == (256, 128)  # teacher's first hidden layer, stored once
 
     def hint_mse() -> float:
@@ -197,7 +200,7 @@ def test_hint_trains_a_projection_and_discards_it(digits, teacher):
 
     # Through `distill`, the student comes back alone: same keys, no projection, no hook.
     student = _build(sub, [16], 0)
-    distill(student, teacher, sub, _hint(hint_epochs=1, epochs=1), seed=0, device=CPU)
+    train_student(student, _hint(hint_epochs=1, epochs=1), Env(splits=sub, seed=0, teacher=teacher))
     assert student.state_dict().keys() == before.keys()
     assert not student.net[2]._forward_hooks
 
@@ -208,7 +211,7 @@ def test_hint_recomputed_per_batch_equals_stored(digits, teacher, monkeypatch):
     for limit in (distillation.MAX_STORED_HINT_BYTES, 0):
         monkeypatch.setattr(distillation, "MAX_STORED_HINT_BYTES", limit)
         student = _build(sub, [16], 0)
-        distill(student, teacher, sub, _hint(hint_epochs=1, epochs=1), seed=0, device=CPU)
+        train_student(student, _hint(hint_epochs=1, epochs=1), Env(splits=sub, seed=0, teacher=teacher))
         results.append(student.state_dict())
     for k in results[0]:
         torch.testing.assert_close(results[0][k], results[1][k])
@@ -217,15 +220,15 @@ def test_hint_recomputed_per_batch_equals_stored(digits, teacher, monkeypatch):
 def test_hint_changes_training_and_names_bad_layers(digits, teacher):
     sub = dataclasses.replace(digits, X_train=digits.X_train[:128], y_train=digits.y_train[:128])
     a, b = _build(sub, [16], 0), _build(sub, [16], 0)
-    distill(a, teacher, sub, LogitsDistill(epochs=1, batch_size=32), seed=0, device=CPU)
-    distill(b, teacher, sub, _hint(epochs=1, weight=5.0), seed=0, device=CPU)
+    train_student(a, LogitsDistill(epochs=1, batch_size=32), Env(splits=sub, seed=0, teacher=teacher))
+    train_student(b, _hint(epochs=1, weight=5.0), Env(splits=sub, seed=0, teacher=teacher))
     assert not torch.equal(a.state_dict()["net.1.weight"], b.state_dict()["net.1.weight"])
     with pytest.raises(ParamsError, match=r"distill.teacher_layer 'net.9'.*'net.1'"):
-        distill(_build(sub, [16], 0), teacher, sub, HintDistill(teacher_layer="net.9", student_layer="net.2"),
-                seed=0, device=CPU)
+        train_student(_build(sub, [16], 0), HintDistill(teacher_layer="net.9", student_layer="net.2"),
+                      Env(splits=sub, seed=0, teacher=teacher))
     with pytest.raises(ParamsError, match="distill.student_layer 'fc1'"):
-        distill(_build(sub, [16], 0), teacher, sub, HintDistill(teacher_layer="net.2", student_layer="fc1"),
-                seed=0, device=CPU)
+        train_student(_build(sub, [16], 0), HintDistill(teacher_layer="net.2", student_layer="fc1"),
+                      Env(splits=sub, seed=0, teacher=teacher))
 
 
 def test_hint_projection_between_feature_maps_is_a_1x1_conv():

@@ -1,4 +1,4 @@
-"""dvc.yaml spells the paths of shrinkflow/paths.py; one name per stage everywhere."""
+"""dvc.yaml spells the paths of schemas/paths.py; one name per stage everywhere."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import yaml
 from conftest import REPO
 
 from schemas.params import Params
-from shrinkflow.paths import STAGES, VARIANTS, StagePaths
+from schemas.paths import STAGES, VARIANTS, StagePaths
 
 
 def _entries(items) -> list[str]:

@@ -46,12 +46,13 @@ def test_structured_pruned_parity(tmp_path, X):
 
 
 def test_dynamic_int8_exports_its_float_equivalent_and_says_so(tmp_path, X):
-    from shrinkflow.quantization import dynamic
+    from schemas.quantize import DynamicQuant
+    from shrinkflow.methods import Env
+    from shrinkflow.quantization import QUANTIZERS
 
     h = _header({"arch": "mlp", "hidden": [40]})
     torch.manual_seed(0)
-    q, entry = dynamic.quantize(h.build().eval(), None)
-    hq = h.with_transform(entry.pop("kind"), **entry)
+    q, hq = QUANTIZERS["dynamic"](h.build().eval(), h, DynamicQuant(), Env())
     info = export_onnx(q, hq, tmp_path / "q.onnx")
     assert "int8 ONNX is not supported" in info["exported_as"]
     res = check_onnx(info["path"], q, X, batch_sizes=(3,), min_run_time=0.05)

@@ -12,10 +12,12 @@ import torch
 
 import shrinkflow
 from schemas.common import Finetune
-from schemas.quantize import KMeansQuant
-from shrinkflow.artifacts import STORAGES, ModelHeader, load_model, save_model
+from schemas.quantize import DynamicQuant, KMeansQuant
+from shrinkflow.artifacts import ModelHeader, save_model
 from shrinkflow.errors import InputError
-from shrinkflow.packing import PackedFormatError, huffman, is_packed, load_packed, pack_file, pack_model, read_packed
+from shrinkflow.loading import load_model, pack_file
+from shrinkflow.methods import Env
+from shrinkflow.packing import PackedFormatError, huffman, is_packed, load_packed, pack_model, read_packed
 from shrinkflow.packing.codec import positions_from_relative, relative_indices
 from shrinkflow.packing.container import VERSION
 from shrinkflow.quantization import kmeans, static
@@ -74,8 +76,7 @@ def test_dynamic_int8_round_trip_keeps_the_integers(tmp_path, x):
     from shrinkflow.quantization import dynamic
 
     h = _header()
-    q, entry = dynamic.quantize(_pruned(h), None)
-    hq = h.with_transform(entry.pop("kind"), **entry)
+    q, hq = dynamic.quantize_dynamic(_pruned(h), h, DynamicQuant(), Env())
     pack_model(q, hq, tmp_path / "q.sfz")
     loaded, header = load_model(tmp_path / "q.sfz")
     assert header == hq
@@ -86,8 +87,7 @@ def test_dynamic_int8_round_trip_keeps_the_integers(tmp_path, x):
 def test_kmeans_shared_round_trip_and_codebook(tmp_path, x):
     h = _header()
     params = KMeansQuant(bits=4, finetune=Finetune(epochs=0))
-    q, entry = kmeans.quantize(_pruned(h), params)
-    hq = h.with_transform(entry.pop("kind"), **entry)
+    q, hq = kmeans.quantize_kmeans(_pruned(h), h, params, Env())
     rep = pack_model(q, hq, tmp_path / "k.sfz")
     _same(q, shrinkflow.load(tmp_path / "k.sfz"), x)
     first = next(t for t in rep.tensors if t["name"] == "net.1.weight")
@@ -120,11 +120,8 @@ def test_packed_is_smaller_than_sparse_int8_file(tmp_path):
     from shrinkflow.quantization import dynamic
 
     h = _header(shape=(1, 16, 16))
-    q, entry = dynamic.quantize(_pruned(h, keep=0.1), None)
-    hq = h.with_transform(entry.pop("kind"), **entry)
-    import shrinkflow.pruning  # noqa: F401 - registers the "sparse" storage where it exists
-
-    storage = "sparse" if "sparse" in STORAGES else "dense"
+    q, hq = dynamic.quantize_dynamic(_pruned(h, keep=0.1), h, DynamicQuant(), Env())
+    storage = "sparse"
     baseline = save_model(q, tmp_path / "q.pt", hq.model_copy(update={"storage": storage, "masked": True}))
     packed = pack_model(q, hq, tmp_path / "q.sfz").size_bytes
     assert packed < baseline, (storage, packed, baseline)
@@ -272,21 +269,19 @@ def test_static_int8_per_channel_round_trip_stores_integers(tmp_path, x):
     """FX static int8 (per-channel scales): the integers are stored, not >256 distinct floats."""
     from schemas.quantize import StaticQuant
     from shrinkflow.data import Splits
-    from shrinkflow.quantization import QuantEnv
 
     h = _header()
     rng = np.random.default_rng(0)
     X = rng.random((128, 1, 8, 8), dtype=np.float32)
     y = rng.integers(0, 10, 128)
     splits = Splits(X, y, X[:8], y[:8], X[:8], y[:8], "classification")
-    q, entry = static.quantize_static(_pruned(h, keep=0.5), StaticQuant(method="static"), QuantEnv(splits=splits, header=h))
-    hq = h.with_transform(entry.pop("kind"), **entry)
+    q, hq = static.quantize_static(_pruned(h, keep=0.5), h, StaticQuant(method="static"), Env(splits=splits))
     rep = pack_model(q, hq, tmp_path / "s.sfz")
     with torch.no_grad():
         assert torch.equal(q(x), shrinkflow.load(tmp_path / "s.sfz")(x))
     assert rep.size_bytes < save_model(q, tmp_path / "s.pt", hq)
     # Integers: a codebook of ≤ 256 entries, or raw int8 when that is smaller.
-    _, _, meta = read_packed(tmp_path / "s.sfz")
+    _, meta, _ = read_packed(tmp_path / "s.sfz")
     for t in meta["tensors"]:
         if t["name"].endswith("weight"):
             assert "int_grid" in t

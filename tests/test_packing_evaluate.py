@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 from conftest import FAST, REPO
 
-from shrinkflow.artifacts import load_model
+from schemas.paths import STAGES
 from shrinkflow.config import load_params
 from shrinkflow.data import load_splits
+from shrinkflow.loading import load_model
 from shrinkflow.packing import is_packed
-from shrinkflow.paths import STAGES
-from shrinkflow.stages import run_stage
 from shrinkflow.training import predict, quality
+from tasks.run import run_stage
 
 
 @pytest.mark.slow

@@ -7,7 +7,7 @@ import json
 import pytest
 from conftest import BIN, dvc, project_env, ran_stages, set_params, sh
 
-from shrinkflow.paths import STAGES, VARIANTS
+from schemas.paths import STAGES, VARIANTS
 
 pytestmark = pytest.mark.slow
 

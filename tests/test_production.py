@@ -19,8 +19,8 @@ import pytest
 from conftest import BIN, FAST, REPO, dvc, make_project, project_env, ran_stages, set_params, sh
 from servers import prefect, prefect_stack, s3_endpoint  # noqa: F401 - fixtures
 
-from shrinkflow import registry, serve
-from shrinkflow.paths import STAGES
+from flows.ops import registry, serve
+from schemas.paths import STAGES
 
 pytestmark = pytest.mark.slow
 

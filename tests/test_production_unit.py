@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import project_env, sh
 
-from shrinkflow import registry, serve
+from flows.ops import registry, serve
 from shrinkflow.errors import ParamsError
 
 
@@ -91,10 +91,14 @@ def test_latency_gate_checks_the_final_model_at_the_smallest_batch():
     from schemas.evaluate import EvaluateParams
     from tasks.evaluate import _gates
 
-    metrics = {
-        "teacher": {"accuracy": 0.95, "compression_ratio": 1.0, "latency_ms_b1": 0.2, "latency_ms_b256": 3.0},
-        "student": {"accuracy": 0.94, "compression_ratio": 4.0, "latency_ms_b1": 0.8, "latency_ms_b256": 2.0},
-    }
+    from schemas.metrics import Metrics
+
+    common = dict(agreement=1.0, size_bytes=1, params=1, nonzero_params=1, sparsity=0.0, layer_sparsity={}, macs=None,
+                  format="fp32", path="m.pt")
+    metrics = Metrics.model_validate({
+        "teacher": {"accuracy": 0.95, "compression_ratio": 1.0, "latency_ms_b1": 0.2, "latency_ms_b256": 3.0, **common},
+        "student": {"accuracy": 0.94, "compression_ratio": 4.0, "latency_ms_b1": 0.8, "latency_ms_b256": 2.0, **common},
+    })
     gates = {g.name: g for g in _gates(EvaluateParams(batch_sizes=[256, 1], gates={"max_latency_ms": 0.5}), metrics, "classification")}
     assert gates["max_latency_ms_b1"].value == 0.8 and not gates["max_latency_ms_b1"].passed
     gates = {g.name: g for g in _gates(EvaluateParams(gates={"max_latency_ms": 1.0}), metrics, "classification")}

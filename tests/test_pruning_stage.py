@@ -11,12 +11,13 @@ import torch
 from conftest import FAST, REPO
 from typer.testing import CliRunner
 
-from shrinkflow.artifacts import load_model
+from schemas.paths import StagePaths
 from shrinkflow.config import load_params
+from shrinkflow.loading import load_model
+from shrinkflow.masks import prunable, sparsity
 from shrinkflow.measure import macs
-from shrinkflow.paths import StagePaths
-from shrinkflow.pruning import PRUNERS, prunable, sparsity
-from shrinkflow.stages import run_stage
+from shrinkflow.pruning.magnitude import MASKERS
+from tasks.run import run_stage
 
 RESNET = 'train_teacher.model={arch: module, import: "tests.toy_models:ResNetTiny", kwargs: {width: 8}}'
 
@@ -78,7 +79,7 @@ def test_targets_met_and_zeros_survive_finetuning(root, extra):
     teacher, _ = load_model(StagePaths(root).model("train_teacher"))
     if not extra:
         # One-shot: the zeros after fine-tuning are exactly the weights pruned before it.
-        masks = PRUNERS["magnitude"](teacher, p.prune)
+        masks = MASKERS["magnitude"](teacher, p.prune, 1.0)
         for k, w in prunable(model).items():
             assert torch.equal(w != 0, masks[k]), k
     # Fine-tuning did change the weights that were kept.
@@ -117,8 +118,8 @@ def test_structured_user_module_with_batchnorm_and_residual(tmp_path_factory, mo
     out = run_stage("prune", p, root)
     assert out.model.params < 0.6 * out.teacher_params
     assert out.macs < 0.6 * out.teacher_macs
-    model, header = load_model(StagePaths(root).model("prune"))
-    assert [t["kind"] for t in header.transforms] == ["structured-prune"] and not header.masked
+    model, header = load_model(StagePaths(root).model("prune"), ["tests.toy_models"])  # this suite's own class
+    assert [t["kind"] for t in header.transforms] == ["structured"] and not header.masked
     x = torch.randn(5, 1, 8, 8)
     assert model(x).shape == (5, 10)
     blocks = model.blocks
@@ -127,7 +128,7 @@ def test_structured_user_module_with_batchnorm_and_residual(tmp_path_factory, mo
     # The later stages replay the change from the file (quantize, then train the float equivalent).
     for stage in ("quantize", "distill"):
         last = run_stage(stage, p, root)
-    student, header = load_model(StagePaths(root).model("distill"))
+    student, header = load_model(StagePaths(root).model("distill"), ["tests.toy_models"])
     assert last.model.params == out.model.params
     assert macs(student, header) == out.macs
     assert student(x).shape == (5, 10)

@@ -14,11 +14,12 @@ import pytest
 import torch
 from conftest import BIN, FAST, REPO, project_env
 
-from shrinkflow.artifacts import load_model
+from schemas.outputs import read_manifest
+from schemas.paths import STAGES, StagePaths
 from shrinkflow.config import load_params
 from shrinkflow.errors import InputError, TrainingDiverged
-from shrinkflow.paths import STAGES, StagePaths
-from shrinkflow.stages import read_manifest, run_stage
+from shrinkflow.loading import load_model
+from tasks.run import run_stage
 
 
 def run_chain(root: Path, params_file: Path, overrides: list[str], stages=STAGES):

@@ -10,10 +10,7 @@ import pytest
 import yaml
 from conftest import FAST, make_project, set_params
 
-from schemas.sweep import Range
-from shrinkflow.config import load_params
-from shrinkflow.errors import ParamsError
-from shrinkflow.sweep import (
+from flows.ops.sweep import (
     Searcher,
     TrialResult,
     choose,
@@ -27,6 +24,9 @@ from shrinkflow.sweep import (
     space_values,
     write_results,
 )
+from schemas.sweep import Range
+from shrinkflow.config import load_params
+from shrinkflow.errors import ParamsError
 
 
 def write_sweep(path: Path, data: dict) -> Path:
@@ -131,11 +131,14 @@ def test_example_sweep_file_is_valid(proj):
 
 
 def fake(index: int, point: dict, acc: float, size: int, teacher: float = 0.95, status: str = "done") -> TrialResult:
-    metrics = {"accuracy": acc, "agreement": 0.9, "size_bytes": size, "params": 100, "nonzero_params": 50,
-               "latency_ms_b1": size / 1000, "compression_ratio": 10_000 / size, "speedup_b1": 1.0} if status == "done" else {}
+    common = {"agreement": 0.9, "params": 100, "nonzero_params": 50, "sparsity": 0.5, "layer_sparsity": {}, "macs": None,
+              "format": "fp32", "path": "m.pt", "speedup_b1": 1.0}
+    metrics = {"accuracy": acc, "size_bytes": size, "latency_ms_b1": size / 1000, "compression_ratio": 10_000 / max(size, 1), **common}
+    teacher_row = {"accuracy": teacher, "size_bytes": 10_000, "latency_ms_b1": 10.0, "compression_ratio": 1.0, **common}
+    done = status == "done"
     return TrialResult(index=index, point=point, overrides=[f"{k}={v}" for k, v in point.items()], status=status,
-                       reason=None if status == "done" else "distill: boom", pid=1, host="h", seconds=1.0,
-                       metrics=metrics, teacher={"accuracy": teacher} if status == "done" else {})
+                       reason=None if done else "distill: boom", pid=1, host="h", seconds=1.0,
+                       metrics=metrics if done else None, teacher=teacher_row if done else None)
 
 
 def test_auto_search_climbs_towards_smaller_passing_configs(tmp_path, proj):
@@ -217,7 +220,7 @@ def test_failure_reason_picks_the_stage_error():
 def test_workspace_copies_sources_and_shares_the_cache(tmp_path, proj):
     from configobj import ConfigObj
 
-    from shrinkflow.sweep import dvc_cache_dir, make_workspace
+    from flows.ops.sweep import dvc_cache_dir, make_workspace
 
     (proj / "sweeps" / "old").mkdir(parents=True, exist_ok=True)
     (proj / "sweeps" / "old" / "results.csv").write_text("x\n")
@@ -236,7 +239,7 @@ def test_workspace_copies_sources_and_shares_the_cache(tmp_path, proj):
 def test_trial_with_bad_params_or_no_time_left_fails_without_running(tmp_path, proj):
     import time
 
-    from shrinkflow.sweep import TrialSpec, run_trial
+    from flows.ops.sweep import TrialSpec, run_trial
 
     spec = dict(index=7, point={"prune.sparsity": 2.0}, project=str(proj), params_file=str(proj / "params.yaml"),
                 cache_dir=None, workdir=str(tmp_path))
@@ -270,7 +273,7 @@ def test_every_sweep_field_is_documented():
 
 
 def test_auto_search_steps_the_way_finished_trials_say_is_smaller(tmp_path, proj):
-    from shrinkflow.sweep import assess, point_key
+    from flows.ops.sweep import assess, point_key
 
     space = {"distill.temperature": [2.0, 4.0], "prune.sparsity": [0.3, 0.5, 0.7, 0.8, 0.9, 0.95]}
     known = [({"distill.temperature": 2.0, "prune.sparsity": 0.5}, 5000), ({"distill.temperature": 2.0, "prune.sparsity": 0.7}, 3000)]
@@ -288,7 +291,7 @@ def test_auto_search_steps_the_way_finished_trials_say_is_smaller(tmp_path, proj
 
 
 def test_trial_past_its_timeout_is_stopped_and_recorded(tmp_path, proj):
-    from shrinkflow.sweep import TrialSpec, run_trial
+    from flows.ops.sweep import TrialSpec, run_trial
 
     spec = TrialSpec(index=1, point={}, overrides=[], project=str(proj), params_file=str(proj / "params.yaml"),
                      cache_dir=None, workdir=str(tmp_path), timeout=2.0)

@@ -1,12 +1,12 @@
 """Packed model files (``.sfz``): Deep Compression's storage, loaded without any training code.
 
 ``pack_model(model, header, path)`` writes one; ``shrinkflow.load(path)`` reads it
-(the loader recognises the magic bytes). See ``docs/packing.md``.
+(``shrinkflow.loading`` recognises the magic bytes). See ``docs/packing.md``.
 """
 
-from shrinkflow.packing.codec import PackReport, load_packed, pack_file, pack_model, read_packed
+from schemas.paths import PACKED_SUFFIX as SUFFIX
+from shrinkflow.packing.codec import PackReport, decode_state, load_packed, pack_model, read_packed
 from shrinkflow.packing.container import MAGIC, VERSION, PackedFormatError, is_packed
-from shrinkflow.paths import PACKED_SUFFIX as SUFFIX
 
 __all__ = [
     "MAGIC",
@@ -16,7 +16,7 @@ __all__ = [
     "PackedFormatError",
     "is_packed",
     "load_packed",
-    "pack_file",
+    "decode_state",
     "pack_model",
     "read_packed",
 ]

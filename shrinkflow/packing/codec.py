@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,13 +36,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from shrinkflow.artifacts import ModelHeader, from_float, load_model, to_float
+import shrinkflow.pruning  # noqa: F401 - registers the transforms a header may name
+import shrinkflow.quantization  # noqa: F401
+from shrinkflow.artifacts import ModelHeader, build_and_load, float_index, from_float, to_float
+from shrinkflow.errors import InputError
 from shrinkflow.io import atomic_path
 from shrinkflow.packing import container, huffman
 from shrinkflow.packing.container import PackedFormatError
 
 #: Most distinct values a codebook may hold (8-bit indices before entropy coding).
 MAX_CODEBOOK = 256
+#: Largest tensor a packed file may announce (the architecture check comes first; this bounds the rest).
+MAX_TENSOR = 2**28
 #: Relative-index widths tried for sparse positions.
 INDEX_WIDTHS = (2, 3, 4, 5, 6, 8)
 CATEGORIES = ("indices", "codebooks", "positions", "values", "overhead")
@@ -109,11 +115,25 @@ def _write_stream(p: _Payload, symbols: np.ndarray, alphabet: int, category: str
     return {**desc, **p.add(data, category)}
 
 
-def _read_stream(payload: memoryview, desc: dict[str, Any]) -> np.ndarray:
-    data = bytes(payload[desc["off"] : desc["off"] + desc["len"]])
+def _section(payload: memoryview, desc: dict[str, Any]) -> bytes:
+    off, length = int(desc["off"]), int(desc["len"])
+    if off < 0 or length < 0 or off + length > len(payload):
+        raise ValueError(f"a section ({off}+{length}) lies outside the payload ({len(payload)} bytes)")
+    return bytes(payload[off : off + length])
+
+
+def _read_stream(payload: memoryview, desc: dict[str, Any], most: int) -> np.ndarray:
+    """A stream of at most ``most`` symbols (the tensor's size bounds it: nothing larger is allocated)."""
+    if not 0 <= int(desc["n"]) <= most:
+        raise ValueError(f"a stream announces {desc['n']} symbols, at most {most} fit the tensor")
+    data = _section(payload, desc)
     if desc["coding"] == "fixed":
+        if not 1 <= int(desc["width"]) <= 16:
+            raise ValueError(f"invalid symbol width {desc['width']}")
         return huffman.unpack_fixed(data, desc["n"], desc["width"])
-    k = desc["symbols"]
+    k = int(desc["symbols"])
+    if not 1 <= k <= 1 << 16:
+        raise ValueError(f"invalid Huffman alphabet size {k}")
     table = (k + 1) // 2
     lengths = huffman.unpack_fixed(data[:table], k, 4)
     return huffman.huffman_decode(lengths, data[table:], desc["n"])
@@ -187,20 +207,31 @@ def _write_values(p: _Payload, values: torch.Tensor, entropy: bool) -> dict[str,
     return {"kind": "raw", "dtype": str(raw.dtype).removeprefix("torch."), **p.add(_raw_bytes(raw), "values")}
 
 
+#: The dtypes a packed file may name (looked up here, never resolved by name on torch).
+_FILE_DTYPES = {str(d).removeprefix("torch."): d for d in (
+    torch.float32, torch.float16, torch.float64, torch.bfloat16, torch.int8, torch.uint8, torch.int16,
+    torch.int32, torch.int64, torch.bool,
+)}
+
+
 def _dtype(name: str) -> torch.dtype:
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"unknown dtype {name!r}")
-    return dtype
+    try:
+        return _FILE_DTYPES[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown dtype {name!r}") from None
 
 
 def _read_values(payload: memoryview, desc: dict[str, Any], n: int) -> torch.Tensor:
     dtype = _dtype(desc["dtype"])
-    data = bytes(payload[desc["off"] : desc["off"] + desc["len"]])
+    data = _section(payload, desc)
     if desc["kind"] == "raw":
+        if len(data) < n * torch.empty(0, dtype=dtype).element_size():
+            raise ValueError(f"a raw section holds {len(data)} bytes, {n} values need more")
         return _from_raw(data, dtype, n)
+    if not 0 < int(desc["k"]) <= MAX_CODEBOOK:
+        raise ValueError(f"invalid codebook size {desc['k']}")
     book = _from_raw(data, dtype, desc["k"])
-    idx = _read_stream(payload, desc["index"])
+    idx = _read_stream(payload, desc["index"], n)
     if len(idx) != n or (len(idx) and (idx.max() >= desc["k"] or idx.min() < 0)):
         raise ValueError("codebook indices do not match the codebook")
     return book[torch.from_numpy(idx)]
@@ -250,11 +281,15 @@ def _encode_tensor(p: _Payload, name: str, t: torch.Tensor, entropy: bool = True
 def _decode_tensor(payload: memoryview, entry: dict[str, Any]) -> torch.Tensor:
     shape = [int(d) for d in entry["shape"]]
     n = math.prod(shape)
+    if n < 0 or n > MAX_TENSOR:
+        raise ValueError(f"tensor {entry.get('name')!r} announces {n} values")
     dtype = _dtype(entry["dtype"])
     if entry["layout"] == "dense":
         return _read_values(payload, entry["values"], n).to(dtype).reshape(shape)
     pdesc = entry["positions"]
-    pos = positions_from_relative(_read_stream(payload, pdesc), int(pdesc["width"]))
+    if int(pdesc["width"]) not in INDEX_WIDTHS:
+        raise ValueError(f"invalid relative-index width {pdesc['width']}")
+    pos = positions_from_relative(_read_stream(payload, pdesc, 2 * n + 1), int(pdesc["width"]))
     if len(pos) and (pos[-1] >= n or pos.min() < 0):
         raise ValueError("non-zero positions fall outside the tensor")
     out = torch.zeros(n, dtype=dtype)
@@ -391,47 +426,69 @@ def pack_model(model: nn.Module, header: ModelHeader, path: str | os.PathLike[st
     return PackReport(path=str(path), size_bytes=len(data), breakdown=breakdown, tensors=summary)
 
 
-def pack_file(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, entropy: bool = True) -> PackReport:
-    """Pack a shrinkflow model file (``.pt`` or ``.sfz``) into ``dst``."""
-    model, header = load_model(Path(src))
-    return pack_model(model, header, dst, entropy=entropy)
+def read_packed(path: str | os.PathLike[str]) -> tuple[ModelHeader, dict[str, Any], memoryview]:
+    """Check a packed file (magic, version, lengths, CRC) and parse its metadata: (header, metadata, payload).
 
-
-def read_packed(path: str | os.PathLike[str]) -> tuple[ModelHeader, dict[str, torch.Tensor], dict[str, Any]]:
-    """Check and decode a packed file: (header, float state dict, metadata)."""
+    No tensor is decoded here: ``decode_state`` does that, once the announced shapes were checked.
+    """
     path = Path(path)
     if not path.is_file():
         raise PackedFormatError(f"model file not found: {path}")
     meta, payload = container.decode(path.read_bytes(), str(path))
+    if not isinstance(meta, dict) or not isinstance(meta.get("tensors"), list):
+        raise PackedFormatError(f"{path} is corrupt or inconsistent: no tensor list in its metadata")
+    return ModelHeader.parse(meta.get("header"), str(path)), meta, payload
+
+
+def decode_state(meta: dict[str, Any], payload: memoryview, where: str,
+                 expected: dict[str, tuple[int, ...]] | None = None) -> dict[str, torch.Tensor]:
+    """The float state dict a packed file stores.
+
+    Args:
+        expected: the shape of every tensor the architecture has: a tensor the file
+            announces with another name or shape is refused before it is decoded.
+    """
+    state = {}
     try:
-        header = ModelHeader.model_validate(meta["header"])
-        state = {}
         for t in meta["tensors"]:
+            name = t["name"]
+            if expected is not None:
+                if name not in expected:
+                    raise ValueError(f"tensor {name!r} is not part of the architecture in the header")
+                if tuple(int(d) for d in t["shape"]) != tuple(expected[name]):
+                    raise ValueError(f"tensor {name!r} is shaped {t['shape']}, the architecture needs {list(expected[name])}")
             if "int_grid" in t:  # integers of a torch.ao quantized weight: dequantize as torch does
                 ints = _decode_tensor(payload, {**t, "dtype": "float32"})
-                state[t["name"]] = _dequantize(ints, meta["qparams"][t["int_grid"]]).to(_dtype(t["dtype"]))
+                state[name] = _dequantize(ints, meta["qparams"][t["int_grid"]]).to(_dtype(t["dtype"]))
             else:
-                state[t["name"]] = _decode_tensor(payload, t)
+                state[name] = _decode_tensor(payload, t)
     except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as exc:
-        raise PackedFormatError(f"{path} is corrupt or inconsistent: {exc}") from exc
-    return header, state, meta
+        raise PackedFormatError(f"{where} is corrupt or inconsistent: {exc}") from None
+    return state
 
 
-def load_packed(path: str | os.PathLike[str]) -> tuple[nn.Module, ModelHeader]:
-    """Rebuild a packed model for inference (eval mode, CPU): (model, header)."""
+def load_packed(path: str | os.PathLike[str], allow: Sequence[str] = ()) -> tuple[nn.Module, ModelHeader]:
+    """Rebuild a packed model for inference (eval mode, CPU): (model, header).
+
+    Args:
+        allow: modules trusted to be imported when the header names a user class.
+    """
     import warnings
 
-    from shrinkflow.artifacts import _float_index
-
-    header, state, meta = read_packed(path)
-    model = header.build(upto=_float_index(header))
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise PackedFormatError(f"{path}: stored weights do not fit the architecture in its header: {exc}") from exc
+    header, meta, payload = read_packed(path)
+    upto = float_index(header)
+    skeleton = header.build(upto=upto, allow=allow)
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items() if isinstance(v, torch.Tensor)}
+    state = decode_state(meta, payload, str(path), expected)
+    model = build_and_load(header, state, str(path), allow, upto=upto)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao deprecation warnings while re-quantizing
-        model = from_float(model.eval(), header)
-        if meta.get("qparams"):
-            _restore_qparams(model, state, meta["qparams"])
+        try:
+            model = from_float(model, header)
+            if meta.get("qparams"):
+                _restore_qparams(model, state, meta["qparams"])
+        except InputError:
+            raise
+        except Exception as exc:
+            raise PackedFormatError(f"{path} is corrupt or inconsistent: {type(exc).__name__}: {exc}") from None
     return model.eval(), header

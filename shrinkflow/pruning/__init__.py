@@ -1,65 +1,27 @@
-"""Pruning methods: one handler per ``prune.method``.
+"""Pruning methods: one typed entry point per ``prune.method``, registered in ``PRUNERS``.
 
-Unstructured handlers (``PRUNERS``) zero weights of a float model in place and
-return the masks to keep during fine-tuning: ``handler(model, params, amount=1.0)``
-where ``amount`` is the share of the final targets to reach now (schedules ramp it).
-``structured`` changes the architecture instead (``shrinkflow.pruning.structured``).
+``magnitude`` and ``random`` zero single weights (``magnitude.MASKERS`` score and
+mask them; the schedule fine-tunes with the zeros kept); ``structured`` removes
+whole neurons and channels (``structured.StructuredPruner``, Torch-Pruning).
+Every entry point is ``(model, header, params, env) -> (model, header)``
+(``shrinkflow.methods``).
 
-Importing this package registers the ``sparse`` storage and the
-``structured-prune`` transform with ``shrinkflow.artifacts``.
+Importing this package registers the ``sparse`` storage and the ``structured``
+transform with ``shrinkflow.artifacts``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-import torch
-from torch import nn
-
+from schemas.params import PruneParams
+from shrinkflow.methods import Method
 from shrinkflow.pruning import storage, structured  # noqa: F401 - registers the storage and transform
-from shrinkflow.pruning.magnitude import magnitude_prune, random_prune
+from shrinkflow.pruning.schedule import prune_structured, prune_unstructured
 
-#: name → handler(model, params, amount=1.0) -> {param name: mask (True = kept)}
-PRUNERS: dict[str, Callable[..., dict[str, torch.Tensor]]] = {
-    "magnitude": magnitude_prune,
-    "random": random_prune,
+#: ``prune.method`` → entry point (model, header, params, env) -> (model, header).
+PRUNERS: dict[str, Method[PruneParams]] = {
+    "magnitude": prune_unstructured,
+    "random": prune_unstructured,
+    "structured": prune_structured,
 }
 
-
-
-def prunable(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The weights pruning may zero: weight matrices/kernels of Linear and Conv layers."""
-    return {
-        f"{name}.weight" if name else "weight": mod.weight
-        for name, mod in model.named_modules()
-        if isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))
-    }
-
-
-def masks_from_zeros(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Masks that keep today's zeros at zero (for training that continues a pruned model)."""
-    return {k: (w != 0) for k, w in prunable(model).items()}
-
-
-def keep_masked(masks: dict[str, torch.Tensor]) -> Callable[[nn.Module], None]:
-    """An ``after_step`` hook that re-zeroes pruned weights after each optimizer step."""
-
-    def hook(model: nn.Module) -> None:
-        weights = prunable(model)
-        with torch.no_grad():
-            for k, m in masks.items():
-                weights[k].mul_(m.to(weights[k].device))
-
-    return hook
-
-
-def sparsity(model: nn.Module) -> tuple[float, dict[str, float]]:
-    """Measured share of zeros among prunable weights: (global, per layer)."""
-    weights = prunable(model)
-    per = {k: float((w == 0).float().mean()) for k, w in weights.items()}
-    n = sum(w.numel() for w in weights.values())
-    zeros = sum(int((w == 0).sum()) for w in weights.values())
-    return (zeros / n if n else 0.0), per
-
-
-__all__ = ["PRUNERS", "prunable", "masks_from_zeros", "keep_masked", "sparsity"]
+__all__ = ["PRUNERS"]

@@ -23,13 +23,18 @@ matches no prunable layer is an error naming the layers there are.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from fnmatch import fnmatchcase
-from typing import Any
 
 import torch
 from torch import nn
 
+from schemas.prune import MagnitudePrune, RandomPrune
 from shrinkflow.errors import ParamsError
+from shrinkflow.masks import prunable
+
+#: Params of the methods that zero single weights.
+Unstructured = MagnitudePrune | RandomPrune
 
 
 def layer_name(weight_key: str) -> str:
@@ -37,7 +42,7 @@ def layer_name(weight_key: str) -> str:
     return weight_key.removesuffix(".weight").removesuffix("weight")
 
 
-def _matches(name: str, patterns: Any) -> list[str]:
+def _matches(name: str, patterns: Iterable[str]) -> list[str]:
     return [p for p in patterns if fnmatchcase(name, p)]
 
 
@@ -56,7 +61,7 @@ def check_patterns(names: list[str], layers: dict[str, float], skip: list[str]) 
                 )
 
 
-def layer_targets(names: list[str], params: Any) -> tuple[dict[str, float], list[str]]:
+def layer_targets(names: list[str], params: Unstructured) -> tuple[dict[str, float], list[str]]:
     """Split layers into fixed per-layer targets and the pool that shares ``params.sparsity``.
 
     Args:
@@ -101,7 +106,7 @@ def _prune_lowest(scores: list[torch.Tensor], k: int) -> list[torch.Tensor]:
 
 
 def prune_by_scores(
-    model: nn.Module, params: Any, score: Any, amount: float = 1.0
+    model: nn.Module, params: Unstructured, score: Callable[[torch.Tensor], torch.Tensor], amount: float = 1.0
 ) -> dict[str, torch.Tensor]:
     """Zero the lowest-scoring weights in place to each layer's target × ``amount``.
 
@@ -112,8 +117,6 @@ def prune_by_scores(
     Returns:
         {weight key: mask (True = kept)} for every prunable weight.
     """
-    from shrinkflow.pruning import prunable
-
     weights = prunable(model)
     by_layer = {layer_name(k): k for k in weights}
     fixed, pool = layer_targets(list(by_layer), params)
@@ -132,15 +135,23 @@ def prune_by_scores(
     return masks
 
 
-def magnitude_prune(model: nn.Module, params: Any, amount: float = 1.0) -> dict[str, torch.Tensor]:
+def magnitude_prune(model: nn.Module, params: Unstructured, amount: float = 1.0) -> dict[str, torch.Tensor]:
     """Zero the smallest-magnitude weights in place; return the masks (True = kept)."""
     return prune_by_scores(model, params, lambda w: w.abs(), amount)
 
 
-def random_prune(model: nn.Module, params: Any, amount: float = 1.0) -> dict[str, torch.Tensor]:
+def random_prune(model: nn.Module, params: Unstructured, amount: float = 1.0) -> dict[str, torch.Tensor]:
     """Baseline: zero weights chosen uniformly at random (same targets as magnitude).
 
     Draws from torch's global generator, which the stage seeds, so a run is
     reproducible. Weights already zero are taken first so masks only grow.
     """
     return prune_by_scores(model, params, lambda w: torch.where(w == 0, -1.0, torch.rand_like(w)), amount)
+
+
+#: ``prune.method`` → masker(model, params, amount=1.0) -> {weight key: mask (True = kept)}: zeroes
+#: weights in place; the methods' entry points (``shrinkflow.pruning.PRUNERS``) add schedules and fine-tuning.
+MASKERS: dict[str, Callable[[nn.Module, Unstructured, float], dict[str, torch.Tensor]]] = {
+    "magnitude": magnitude_prune,
+    "random": random_prune,
+}

@@ -1,36 +1,28 @@
-"""Pruning schedules: one-shot, iterative, gradual (Zhu & Gupta 2017).
+"""The pruning methods' entry points: a method, on a schedule, with fine-tuning.
 
-Each schedule prunes a float model and fine-tunes it through a ``finetune(model,
-epochs, after_step)`` callable (the stage's ``fit``), so the schedules know nothing
-about data or optimizers. Pruned weights stay exactly zero during fine-tuning: the
-``after_step`` hook re-applies the masks after every optimizer step.
+Schedules: ``one-shot``, ``iterative`` (``rounds`` equal shares of the remaining
+weights, or explicit per-step targets ``steps`` with ``step_epochs``), ``gradual``
+(Zhu & Gupta 2017). Pruned weights stay exactly zero during fine-tuning: the
+``after_step`` hook re-applies the masks after every optimizer step. Fine-tuning
+goes through ``Env.finetuner`` (the section's optimizer and learning-rate schedule,
+the teacher's soft targets if asked), so the schedules know nothing about data.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
 
-from shrinkflow.pruning import PRUNERS, keep_masked
+from schemas.prune import StructuredPrune
+from shrinkflow.artifacts import ModelHeader
+from shrinkflow.masks import keep_masked
+from shrinkflow.methods import Env, Finetuner
+from shrinkflow.pruning.magnitude import MASKERS, Unstructured
+from shrinkflow.pruning.storage import NAME as SPARSE
 from shrinkflow.pruning.structured import StructuredPruner
-
-#: finetune(model, epochs, after_step) trains ``model`` in place.
-Finetune = Callable[[nn.Module, int, Callable[[nn.Module], None] | None], Any]
-
-
-@dataclass
-class Pruned:
-    """The outcome of a schedule."""
-
-    model: nn.Module
-    masks: dict[str, torch.Tensor] = field(default_factory=dict)
-    #: header transform entries to append (structured pruning), in order.
-    transforms: list[dict[str, Any]] = field(default_factory=list)
 
 
 def zhu_gupta(step: int, ramp_steps: int, initial: float, final: float) -> float:
@@ -44,72 +36,94 @@ def iterative_targets(final: float, rounds: int) -> list[float]:
     return [1.0 - (1.0 - final) ** (r / rounds) for r in range(1, rounds + 1)]
 
 
-def run_schedule(model: nn.Module, params: Any, input_shape: list[int], finetune: Finetune, steps_per_epoch: int) -> Pruned:
-    """Prune ``model`` by ``params.method`` on ``params.schedule``, fine-tuning as it goes."""
+def unstructured_schedule(model: nn.Module, params: Unstructured, finetune: Finetuner, steps_per_epoch: int) -> dict[str, torch.Tensor]:
+    """Zero ``params.method``'s weights in place on ``params.schedule``; return the final masks."""
+    prune = MASKERS[params.method]
     epochs = params.finetune.epochs
-    if params.method == "structured":
-        return _structured(model, params, input_shape, finetune)
-
-    prune = PRUNERS[params.method]
     if params.schedule == "one-shot":
-        masks = prune(model, params)
+        masks = prune(model, params, 1.0)
         if epochs:
             finetune(model, epochs, keep_masked(masks))
-        return Pruned(model=model, masks=masks)
+        return masks
 
     if params.schedule == "iterative":
         masks: dict[str, torch.Tensor] = {}
-        for target in iterative_targets(params.sparsity, params.rounds):
-            masks = prune(model, params, amount=target / params.sparsity)
-            if epochs:
-                finetune(model, epochs, keep_masked(masks))
-        return Pruned(model=model, masks=masks)
+        for share, step_epochs in params.step_plan():
+            masks = prune(model, params, share)
+            if step_epochs:
+                finetune(model, step_epochs, keep_masked(masks))
+        return masks
 
     # gradual: masks grow every `prune_every` steps along the cubic ramp.
     ramp_steps = max(1, math.ceil(params.ramp_fraction * epochs * steps_per_epoch))
-    state = {"step": 0, "masks": prune(model, params, amount=params.initial_sparsity / params.sparsity)}
+    state = {"step": 0, "masks": prune(model, params, params.initial_sparsity / params.sparsity)}
 
     def after_step(m: nn.Module) -> None:
         state["step"] += 1
         t = state["step"]
         if t <= ramp_steps and (t % params.prune_every == 0 or t == ramp_steps):
             s = zhu_gupta(t, ramp_steps, params.initial_sparsity, params.sparsity)
-            state["masks"] = prune(m, params, amount=s / params.sparsity)
+            state["masks"] = prune(m, params, s / params.sparsity)
         else:
             keep_masked(state["masks"])(m)
 
     finetune(model, epochs, after_step)
     # The ramp ends at the final targets; pruning again is a no-op unless rounding
     # of steps left it short (zeros rank lowest, so no weight comes back).
-    masks = prune(model, params, amount=1.0)
-    return Pruned(model=model, masks=masks)
+    return prune(model, params, 1.0)
 
 
-def _structured(model: nn.Module, params: Any, input_shape: list[int], finetune: Finetune) -> Pruned:
-    """Structured schedules: the layers physically shrink at each step, so fine-tuning restarts after it.
+def prune_unstructured(model: nn.Module, header: ModelHeader, params: Unstructured, env: Env) -> tuple[nn.Module, ModelHeader]:
+    """``magnitude`` / ``random``: zero weights (in place) on the schedule, fine-tuning with the zeros kept.
 
-    one-shot: one step, then ``finetune.epochs``; iterative: ``rounds`` × (step,
-    ``finetune.epochs``); gradual: the cubic ramp advances once per epoch (a new
-    optimizer is needed whenever the layers change) over the first
-    ``ceil(ramp_fraction · epochs)`` epochs, each starting with a step, and the
-    remaining epochs recover at the final sparsity.
+    The header is marked ``masked`` (later training keeps the zeros) and stored
+    ``sparse`` (bitmask + values: the file shrinks with sparsity).
+    """
+    splits = env.data("prune")
+    finetune = env.finetuner(params.finetune, "prune.finetune")
+    steps_per_epoch = math.ceil(len(splits.X_train) / params.finetune.batch_size)
+    unstructured_schedule(model, params, finetune, steps_per_epoch)
+    return model, header.model_copy(update={"masked": True, "storage": SPARSE})
+
+
+def structured_schedule(model: nn.Module, params: StructuredPrune, input_shape: list[int], finetune: Finetuner) -> dict:
+    """Remove neurons/channels of ``model`` (in place) on ``params.schedule``; return the header transform entry.
+
+    The layers change shape at each step, so fine-tuning restarts (with a new
+    optimizer) after it. one-shot: one step, then ``finetune.epochs``; iterative:
+    ``rounds`` steps on Torch-Pruning's linear schedule, or the explicit ``steps``,
+    each followed by its fine-tuning epochs; gradual: the cubic ramp advances once
+    per epoch over the first ``ceil(ramp_fraction · epochs)`` epochs, each starting
+    with a step, and the remaining epochs recover at the final sparsity.
     """
     epochs = params.finetune.epochs
-    ramp = None
+    ramp: Callable[[int, int], float] | None = None  # None: Torch-Pruning's linear schedule
     if params.schedule == "gradual":
-        steps = max(1, math.ceil(params.ramp_fraction * epochs))
-        per_step, tail = 1, epochs - steps
+        n_steps = max(1, math.ceil(params.ramp_fraction * epochs))
+        phases = [1] * n_steps + ([epochs - n_steps] if epochs > n_steps else [])  # fine-tuning epochs after each step
 
         def ramp(i: int, n: int) -> float:
             return zhu_gupta(i, n, params.initial_sparsity, params.sparsity) / params.sparsity if i else 0.0
+    elif params.schedule == "iterative":
+        shares = [0.0, *(params.steps or [])]
+        n_steps = len(params.steps) if params.steps else params.rounds
+        phases = list(params.step_epochs or [epochs] * n_steps)
+        if params.steps:
+
+            def ramp(i: int, n: int) -> float:
+                return shares[i]
     else:
-        steps = params.rounds if params.schedule == "iterative" else 1
-        per_step, tail = epochs, 0
-    pruner = StructuredPruner(model, params, input_shape, steps=steps, ramp=ramp)
-    for _ in range(steps):
-        pruner.step()
-        if per_step:
-            finetune(model, per_step, None)
-    if tail > 0:
-        finetune(model, tail, None)
-    return Pruned(model=model, transforms=[pruner.entry()])
+        n_steps, phases = 1, [epochs]
+    pruner = StructuredPruner(model, params, input_shape, steps=n_steps, ramp=ramp)
+    for i, phase_epochs in enumerate(phases):
+        if i < n_steps:
+            pruner.step()
+        if phase_epochs:
+            finetune(model, phase_epochs, None)
+    return pruner.entry()
+
+
+def prune_structured(model: nn.Module, header: ModelHeader, params: StructuredPrune, env: Env) -> tuple[nn.Module, ModelHeader]:
+    """``structured``: remove whole neurons/channels (Torch-Pruning); the layers physically shrink."""
+    entry = structured_schedule(model, params, header.input_shape, env.finetuner(params.finetune, "prune.finetune"))
+    return model, header.with_transform(**entry).model_copy(update={"storage": SPARSE})

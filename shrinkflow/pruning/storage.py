@@ -99,8 +99,14 @@ def _encode_quantized(q: torch.Tensor) -> dict[str, Any]:
 
 
 def _decode_tensor(e: dict[str, Any]) -> torch.Tensor:
-    numel = math.prod(e["shape"])
+    numel = math.prod(int(d) for d in e["shape"])
+    # The bitmask holds one bit per element: a shape larger than it is a damaged file,
+    # refused before anything of that size is allocated.
+    if not 0 <= numel <= 8 * e["bits"].numel():
+        raise ValueError(f"a sparse tensor announces shape {e['shape']} but its bitmask covers {8 * e['bits'].numel()} elements")
     mask = _unpack(e["bits"], numel)
+    if int(mask.sum()) != e["values"].numel():
+        raise ValueError("a sparse tensor's values do not match its bitmask")
     if e["t"] == "bitmask":
         out = torch.zeros(numel, dtype=e["values"].dtype)
         out[mask] = e["values"]

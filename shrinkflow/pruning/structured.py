@@ -7,7 +7,7 @@ channels removed (``scope: layer``), or of all channels ranked together
 (``scope: global``); the layers become physically smaller.
 
 The saved file stays loadable from the file alone, without unpickling: the header
-gets a ``structured-prune`` transform holding Torch-Pruning's pruning history
+gets a ``structured`` transform holding Torch-Pruning's pruning history
 (layer names and removed indices, plain JSON); loading builds the original
 architecture, traces it and replays the history, then loads the weights.
 """
@@ -21,11 +21,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from schemas.prune import StructuredPrune
 from shrinkflow.artifacts import ModelHeader, Transform, register_transform
+from shrinkflow.masks import WEIGHTED as _ROOTS
 from shrinkflow.pruning.magnitude import check_patterns
 
-KIND = "structured-prune"
-_ROOTS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+#: The header transform, named after the method.
+KIND = "structured"
 
 
 def example_input(input_shape: list[int]) -> torch.Tensor:
@@ -58,7 +60,7 @@ class StructuredPruner:
     def __init__(
         self,
         model: nn.Module,
-        params: Any,
+        params: StructuredPrune,
         input_shape: list[int],
         steps: int = 1,
         ramp: Callable[[int, int], float] | None = None,

@@ -1,8 +1,9 @@
-"""Quantization methods: one handler per ``quantize.method``.
+"""Quantization methods: one typed entry point per ``quantize.method``, registered in ``QUANTIZERS``.
 
-Each handler takes a float model, its params section and a :class:`QuantEnv`, and
-returns the quantized model and the header transform entry that rebuilds it on load
-(see ``shrinkflow.artifacts``). Methods and the PyTorch path behind each:
+Each entry point is ``(model, header, params, env) -> (quantized model, header)``
+(``shrinkflow.methods``); the header gains the transform, named after the method,
+that rebuilds the quantized model on load (see ``shrinkflow.artifacts``). Methods and
+the PyTorch path behind each:
 
 - ``dynamic``: ``torch.ao.quantization.quantize_dynamic`` (int8 Linear weights).
 - ``static`` / ``qat``: FX graph mode int8 (``static.py`` says why not pt2e).
@@ -11,35 +12,18 @@ returns the quantized model and the header transform entry that rebuilds it on l
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from schemas.params import QuantizeParams
+from shrinkflow.methods import Method
+from shrinkflow.quantization.dynamic import quantize_dynamic
+from shrinkflow.quantization.kmeans import codebooks, quantize_kmeans
+from shrinkflow.quantization.static import quantize_qat, quantize_static
 
-import torch
-from torch import nn
-
-from shrinkflow.artifacts import ModelHeader
-from shrinkflow.data import Splits
-from shrinkflow.quantization import dynamic, kmeans, static
-from shrinkflow.quantization.kmeans import codebooks
-
-
-@dataclass(frozen=True)
-class QuantEnv:
-    """What a handler may need besides the model and its params."""
-
-    header: ModelHeader
-    splits: Splits | None = None
-    seed: int = 0
-    device: torch.device = torch.device("cpu")
-
-
-#: method name → handler(model, params, env) -> (quantized model, transform entry)
-QUANTIZERS: dict[str, Callable[[nn.Module, Any, QuantEnv | None], tuple[nn.Module, dict[str, Any]]]] = {
-    "dynamic": dynamic.quantize,
-    "static": static.quantize_static,
-    "qat": static.quantize_qat,
-    "kmeans": kmeans.quantize,
+#: ``quantize.method`` → entry point (model, header, params, env) -> (quantized model, header).
+QUANTIZERS: dict[str, Method[QuantizeParams]] = {
+    "dynamic": quantize_dynamic,
+    "static": quantize_static,
+    "qat": quantize_qat,
+    "kmeans": quantize_kmeans,
 }
 
-__all__ = ["QUANTIZERS", "QuantEnv", "codebooks"]
+__all__ = ["QUANTIZERS", "codebooks"]

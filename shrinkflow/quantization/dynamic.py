@@ -18,10 +18,13 @@ import torch
 from torch import nn
 from torch.ao.quantization import MinMaxObserver, QConfig, default_dynamic_quant_observer
 
+from schemas.quantize import DynamicQuant
 from shrinkflow.artifacts import ModelHeader, Transform, register_transform
+from shrinkflow.methods import Env
 from shrinkflow.quantization._compat import quiet_torch_ao
 
-KIND = "dynamic-int8"
+#: The header transform, named after the method.
+KIND = "dynamic"
 
 
 #: Symmetric int8 range of the weights: ±127, so the largest weight is a code exactly
@@ -48,10 +51,10 @@ def _quantize_dynamic(model: nn.Module) -> nn.Module:
         return torch.ao.quantization.quantize_dynamic(model, {nn.Linear: _QCONFIG}, dtype=torch.qint8)
 
 
-def quantize(model: nn.Module, params: Any, env: Any = None) -> tuple[nn.Module, dict[str, Any]]:
-    """Quantize every nn.Linear of a float model to dynamic int8."""
+def quantize_dynamic(model: nn.Module, header: ModelHeader, params: DynamicQuant, env: Env) -> tuple[nn.Module, ModelHeader]:
+    """``dynamic``: every nn.Linear of a float model to int8 weights (activations quantized at run time)."""
     qmodel = _quantize_dynamic(copy.deepcopy(model).eval())
-    return qmodel, {"kind": KIND}
+    return qmodel, header.with_transform(KIND)
 
 
 def _rebuild(model: nn.Module, entry: dict[str, Any], header: ModelHeader) -> nn.Module:

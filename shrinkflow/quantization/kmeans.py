@@ -32,12 +32,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from schemas.quantize import KMeansQuant
 from shrinkflow.artifacts import ModelHeader, Transform, keep_constraints, register_transform
 from shrinkflow.errors import ParamsError
+from shrinkflow.masks import WEIGHTED
+from shrinkflow.methods import Env
 
 KIND = "kmeans"
 #: Layer types whose ``weight`` can be shared.
-SHAREABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+SHAREABLE = WEIGHTED
 
 
 # ----------------------------------------------------------------- the module form
@@ -206,36 +209,26 @@ def tie_hook(float_model: nn.Module, layers: dict[str, int]) -> Callable[[nn.Mod
 # ----------------------------------------------------------------- the handler
 
 
-def quantize(model: nn.Module, params: Any, env: Any = None) -> tuple[nn.Module, dict[str, Any]]:
-    """Share each chosen layer's weights through a ``2**bits`` codebook; optionally fine-tune the centroids.
+def quantize_kmeans(model: nn.Module, header: ModelHeader, params: KMeansQuant, env: Env) -> tuple[nn.Module, ModelHeader]:
+    """``kmeans``: share each chosen layer's weights through a ``2**bits`` codebook; optionally fine-tune the centroids.
 
-    Args:
-        model: the float (possibly pruned) model; not modified.
-        params: a ``schemas.quantize.KMeansQuant``.
-        env: a ``shrinkflow.quantization.QuantEnv`` (data for fine-tuning).
+    ``model`` (float, possibly pruned) is not modified.
     """
-    seed = env.seed if env is not None else 0
     fmodel = copy.deepcopy(model).eval()
     layers = shareable_layers(fmodel, params.bits, dict(params.layer_bits))
     if not layers:
         raise ParamsError("quantize.layer_bits leaves no layer to quantize: set quantize.bits or a pattern with bits 2..8")
-    qmodel = _apply(fmodel, layers, seed)
+    qmodel = _apply(fmodel, layers, env.seed)
     entry = {"kind": KIND, "layers": layers}
+    shared = header.with_transform(KIND, layers=layers)
     ft = params.finetune
     if ft.epochs:
-        if env is None or env.splits is None:
-            raise ParamsError("quantize.finetune.epochs > 0 needs training data (data/prepared)")
-        from shrinkflow.training import fit
-
+        finetune = env.finetuner(ft, "quantize.finetune")
         trainable = _to_float(qmodel, copy.deepcopy(model))
         # pruned zeros stay zero and weights stay tied to their centroids (this transform's `constrain`)
-        after_step = keep_constraints(trainable, env.header.with_transform(KIND, layers=layers))
-        fit(
-            trainable, env.splits, epochs=ft.epochs, batch_size=ft.batch_size, optimizer=ft.optimizer,
-            seed=seed, device=env.device, where="quantize.finetune", after_step=after_step,
-        )
+        finetune(trainable, ft.epochs, keep_constraints(trainable, shared))
         qmodel = _reapply(trainable, entry, None)
-    return qmodel, entry
+    return qmodel, shared
 
 
 # ------------------------------------------------------------ transform hooks

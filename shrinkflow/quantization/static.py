@@ -32,6 +32,7 @@ Weights use symmetric quantization (zero point 0), so pruned zeros stay exactly 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Any
 
 import torch
@@ -46,11 +47,14 @@ from torch.ao.quantization.observer import (
     PerChannelMinMaxObserver,
 )
 
+from schemas.quantize import QATQuant, StaticQuant
 from shrinkflow.artifacts import ModelHeader, Transform, keep_constraints, register_transform
 from shrinkflow.errors import ParamsError
+from shrinkflow.methods import Env
 from shrinkflow.quantization._compat import quiet_torch_ao
 
-KIND = "static-int8"
+#: The header transforms, named after the methods (both rebuild the same int8 modules).
+KIND, QAT_KIND = "static", "qat"
 
 
 _quiet = quiet_torch_ao
@@ -175,52 +179,36 @@ def clamp_to_bits(qmodel: nn.Module, bits: int) -> nn.Module:
     return qmodel
 
 
-def _entry(params: Any, qmodel: nn.Module, qat: bool) -> dict[str, Any]:
+def _with_entry(header: ModelHeader, kind: str, params: StaticQuant | QATQuant, qmodel: nn.Module) -> ModelHeader:
     # Activation ranges go into the header so that ``reapply`` (after distillation)
     # re-quantizes with the calibrated ranges, without calibration data.
-    return {"kind": KIND, "bits": params.bits, "per_channel": params.per_channel, "qat": qat,
-            "activations": activation_qparams(qmodel)}
+    return header.with_transform(kind, bits=params.bits, per_channel=params.per_channel, activations=activation_qparams(qmodel))
 
 
-def quantize_static(model: nn.Module, params: Any, env: Any) -> tuple[nn.Module, dict[str, Any]]:
-    """Calibrated post-training int8: weights and activations.
-
-    Args:
-        model: float model (not modified).
-        params: ``schemas.quantize.StaticQuant``.
-        env: ``shrinkflow.quantization.QuantEnv`` holding the training split.
-    """
-    if env is None or env.splits is None:
-        raise ParamsError("quantize.method static needs calibration data (data/prepared)")
-    X, _ = env.splits.tensors("train")
+def quantize_static(model: nn.Module, header: ModelHeader, params: StaticQuant, env: Env) -> tuple[nn.Module, ModelHeader]:
+    """``static``: calibrated post-training int8, weights and activations (``model`` is not modified)."""
+    X, _ = env.data("quantize.method static (calibration)").tensors("train")
     cfg = qconfig(params.bits, params.per_channel, params.observer, params.percentile)
     prepared = prepare(copy.deepcopy(model), _example(list(X.shape[1:])), cfg)
     calibrate(prepared, X, params.calibration_batches, params.calibration_batch_size, env.seed)
     qmodel = clamp_to_bits(convert(prepared), params.bits)
-    return qmodel, _entry(params, qmodel, qat=False)
+    return qmodel, _with_entry(header, KIND, params, qmodel)
 
 
-def quantize_qat(model: nn.Module, params: Any, env: Any) -> tuple[nn.Module, dict[str, Any]]:
-    """Quantization-aware training: fine-tune with fake-quantized weights/activations, then convert to int8."""
-    if env is None or env.splits is None:
-        raise ParamsError("quantize.method qat needs training data (data/prepared)")
-    from shrinkflow.training import fit
-
-    X, _ = env.splits.tensors("train")
+def quantize_qat(model: nn.Module, header: ModelHeader, params: QATQuant, env: Env) -> tuple[nn.Module, ModelHeader]:
+    """``qat``: fine-tune with fake-quantized weights and activations, then convert to int8."""
+    X, _ = env.data("quantize.method qat").tensors("train")
     cfg = qconfig(params.bits, params.per_channel, qat=True)
     prepared = prepare(copy.deepcopy(model), _example(list(X.shape[1:])), cfg, qat=True)
     # Fake-quantized weights of zero stay zero (symmetric), but training would move
     # the float zeros: keep them pruned.
-    after_step = keep_constraints(prepared, env.header)
-    ft = params.finetune
+    after_step = keep_constraints(prepared, header)
+    # fake-quant observers are placed on CPU by prepare
+    finetune = dataclasses.replace(env, device=torch.device("cpu")).finetuner(params.finetune, "quantize.finetune")
     with _quiet():
-        fit(
-            prepared, env.splits, epochs=ft.epochs, batch_size=ft.batch_size, optimizer=ft.optimizer,
-            seed=env.seed, device=torch.device("cpu"),  # fake-quant observers are placed on CPU by prepare
-            where="quantize.finetune", after_step=after_step,
-        )
+        finetune(prepared, params.finetune.epochs, after_step)
     qmodel = clamp_to_bits(convert(prepared), params.bits)
-    return qmodel, _entry(params, qmodel, qat=True)
+    return qmodel, _with_entry(header, QAT_KIND, params, qmodel)
 
 
 # ------------------------------------------------------------ transform hooks
@@ -328,4 +316,5 @@ def _reapply(model: nn.Module, entry: dict[str, Any], header: ModelHeader) -> nn
     return qmodel
 
 
-register_transform(KIND, Transform(rebuild=_rebuild, to_float=_to_float, reapply=_reapply))
+for _kind in (KIND, QAT_KIND):
+    register_transform(_kind, Transform(rebuild=_rebuild, to_float=_to_float, reapply=_reapply))

@@ -37,16 +37,17 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from flows.ops.dvcrepo import open_repo
+from flows.ops.serve import prefect_env, stop
+from schemas.metrics import Metrics, VariantMetrics
+from schemas.outputs import read_manifest
 from schemas.params import Params
+from schemas.paths import VARIANTS, StagePaths
 from schemas.sweep import AutoSearch, Criterion, GridSearch, RandomSearch, Range, Sweep
 from shrinkflow.config import PARAMS_FILE, apply_to_params_file, format_validation_error, load_params, read_yaml
-from shrinkflow.dvcrepo import open_repo
 from shrinkflow.errors import InputError, ParamsError
 from shrinkflow.io import write_json, write_text
-from shrinkflow.paths import VARIANTS, StagePaths
-from shrinkflow.report import quality_drop, quality_key
-from shrinkflow.serve import prefect_env, stop
-from shrinkflow.stages import read_manifest
+from shrinkflow.report import quality_drop
 
 #: Params sections the shared prefix (data → train_teacher) depends on, as dvc.yaml lists them.
 PREFIX_SECTIONS = ("seed", "device", "data", "train_teacher")
@@ -157,8 +158,8 @@ class TrialResult(BaseModel):
     ran: list[str] = []
     reused: list[str] = []
     final_variant: str | None = None
-    metrics: dict[str, Any] = {}
-    teacher: dict[str, Any] = {}
+    metrics: VariantMetrics | None = None
+    teacher: VariantMetrics | None = None
     report: str | None = None
     workspace: str | None = None
 
@@ -308,12 +309,11 @@ def run_trial(spec: TrialSpec) -> TrialResult:
         if spec.until:
             return result("done", ran=ran, reused=reused)
         paths = StagePaths(ws)
-        metrics = json.loads(paths.metrics.read_text())
+        metrics = Metrics.read(ws)
         final = read_manifest("evaluate", ws).final_variant
         row, teacher = metrics[final], metrics[VARIANTS["train_teacher"]]
-        q = quality_key(row)
-        if not all(math.isfinite(float(m[q])) for m in (row, teacher)):
-            return result("failed", reason=f"diverged: {q} is not finite", ran=ran, reused=reused)
+        if not all(math.isfinite(m.quality) for m in (row, teacher)):
+            return result("failed", reason=f"diverged: {row.quality_key} is not finite", ran=ran, reused=reused)
         report = paths.report.read_text() if paths.report.is_file() else None
         return result(
             "done", ran=ran, reused=reused, final_variant=final, metrics=row, teacher=teacher, report=report,
@@ -559,10 +559,10 @@ def assess(result: TrialResult, sweep: Sweep) -> dict[str, Any]:
     out: dict[str, Any] = {"point": result.point, "passed": False, "drop": math.inf, "objective_value": math.inf}
     if result.status != "done":
         return out
-    q = quality_key(result.metrics)
+    m, t = result.metrics, result.teacher
     crit: Criterion = sweep.criterion
-    drop = quality_drop(float(result.teacher[q]), float(result.metrics[q]), q, crit.relative)
-    out.update(drop=drop, passed=drop <= crit.max_drop, objective_value=float(result.metrics[objective_column(sweep.objective)]))
+    drop = quality_drop(t.quality, m.quality, m.quality_key, crit.relative)
+    out.update(drop=drop, passed=drop <= crit.max_drop, objective_value=float(m.get(objective_column(sweep.objective))))
     return out
 
 
@@ -599,7 +599,7 @@ def pareto_objectives(rows: Iterable[dict[str, Any]], sweep: Sweep) -> dict[str,
     """Quality (max accuracy / min MSE), file size and latency (the objective's batch size, else the smallest)."""
     rows = list(rows)
     keys = set().union(*(r.keys() for r in rows)) if rows else set()
-    q = quality_key(keys)
+    q = "accuracy" if "accuracy" in keys else "mse"
     lat = objective_column(sweep.objective) if sweep.objective != "size" else None
     if lat is None:
         lats = sorted((k for k in keys if k.startswith("latency_ms_b")), key=lambda k: int(k.removeprefix("latency_ms_b")))
@@ -618,10 +618,10 @@ def table_rows(results: Sequence[TrialResult], sweep: Sweep) -> list[dict[str, A
         row: dict[str, Any] = {"trial": r.index, "status": r.status}
         # Lists and mappings (e.g. a student model spec) as JSON, so the CSV cell reads back.
         row.update({k: v if isinstance(v, str | int | float | bool) or v is None else json.dumps(v) for k, v in r.point.items()})
-        row.update({k: v for k, v in r.metrics.items()})
-        if r.teacher:
-            q = quality_key(r.teacher)
-            row[f"teacher_{q}"] = r.teacher[q]
+        if r.metrics is not None:
+            row.update(r.metrics.model_dump(exclude_none=True))
+        if r.teacher is not None:
+            row[f"teacher_{r.teacher.quality_key}"] = r.teacher.quality
         row.update(
             drop=a["drop"] if r.status == "done" else None,
             passed=a["passed"] if r.status == "done" else None,
@@ -658,7 +658,7 @@ def _fmt(v: Any) -> str:
 
 def render_markdown(rows: list[dict[str, Any]], plan: Plan, chosen: TrialResult | None, front: list[int], elapsed: float) -> str:
     s = plan.sweep
-    q = quality_key(set().union(*rows))
+    q = "accuracy" if any("accuracy" in r for r in rows) else "mse"
     lat = [c for c in pareto_objectives(rows, s) if c.startswith("latency_ms_b")]
     cols = ["trial", "status", *plan.values, q, f"teacher_{q}", "drop", "passed", "size_bytes", "compression_ratio", *lat, "seconds"]
     on_front = {rows[i]["trial"] for i in front}
@@ -782,7 +782,7 @@ def write_results(plan: Plan, results: Sequence[TrialResult], elapsed: float, *,
             tmp.unlink(missing_ok=True)
         header = (
             f"# Chosen by sweep {s.name!r}: trial {chosen.index} {json.dumps(chosen.point)}\n"
-            f"# {quality_key(chosen.metrics)} {chosen.metrics[quality_key(chosen.metrics)]:.4g}, "
+            f"# {chosen.metrics.quality_key} {chosen.metrics.quality:.4g}, "
             f"{s.objective} {assess(chosen, s)['objective_value']:.4g}. Use: shrinkflow run -p {best.relative_to(plan.root)}\n"
         )
         write_text(best, header + text)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from shrinkflow.dvcrepo import open_repo
+from flows.ops.dvcrepo import open_repo
 from shrinkflow.errors import ShrinkflowError
 
 
@@ -53,7 +53,7 @@ def push_outputs(root: Path, remote: str | None = None) -> Published:
 
 def push_git(root: Path, git_remote: str = "origin") -> bool:
     """Push HEAD and the registry's tags to ``git_remote`` when the repository has one."""
-    from shrinkflow.registry import git
+    from flows.ops.registry import git
 
     if git_remote not in git(root, "remote").stdout.split():
         return False

@@ -18,8 +18,8 @@ from schemas.prune import MagnitudePrune
 from shrinkflow.data import Splits
 from shrinkflow.errors import InputError
 from shrinkflow.io import write_json, write_text
-from shrinkflow.pruning import PRUNERS, prunable
-from shrinkflow.pruning.magnitude import layer_name
+from shrinkflow.masks import prunable
+from shrinkflow.pruning.magnitude import MASKERS, layer_name
 from shrinkflow.training import predict, quality
 
 JSON, CURVES, MARKDOWN, PNG = "sensitivity.json", "curves.json", "sensitivity.md", "sensitivity.png"
@@ -48,7 +48,7 @@ def analyze(model: nn.Module, splits: Splits, sparsities: list[float], method: s
         for s in sparsities:
             trial = copy.deepcopy(model)
             params = MagnitudePrune(sparsity=s, scope="layer", skip=[n for n in map(layer_name, prunable(trial)) if n != name])
-            PRUNERS[method](trial, params)
+            MASKERS[method](trial, params, 1.0)
             row[f"{s:g}"] = quality(predict(trial, X), y, splits.task)
         table[name] = {"params": int(w.numel()), "quality": row}
     return {"metric": "accuracy" if splits.task == "classification" else "mse", "baseline": baseline, "layers": table}
