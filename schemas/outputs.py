@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -60,12 +60,15 @@ class PruneOutput(StageOutput):
     layer_sparsity: dict[str, float]
     val_metric: float | None
     method: str | None = Field(None, description="The pruning method that ran; null when disabled.")
-    schedule: str | None = Field(None, description="one-shot | iterative | gradual; null when disabled.")
+    schedule: str | None = Field(None, description="one-shot | iterative | gradual; null when disabled or for a method without schedules.")
     macs: int | None = Field(None, description="Multiply-accumulates per example (dense count: zeros included); null if not countable.")
     teacher_macs: int | None = Field(None, description="The input model's MACs per example, for comparison.")
     teacher_params: int | None = Field(None, description="The input model's parameter count, for comparison.")
     allocation: dict[str, float] | None = Field(None, description="Per-layer targets used (allocation: auto).")
     sensitivity: str | None = Field(None, description="The sensitivity table (markdown), when prune.sensitivity is on.")
+    dead_units: dict[str, int] | None = Field(
+        None, description="Units (neurons/channels) removed per layer because pruning left them without weights (prune.dead_units)."
+    )
 
 
 class QuantizeOutput(StageOutput):
@@ -75,6 +78,12 @@ class QuantizeOutput(StageOutput):
     method: str
     sparsity: float | None = Field(None, description="Share of zeros among prunable weights after quantization.")
     val_metric: float | None = Field(None, description="Validation accuracy (or MSE) of the quantized model as loaded.")
+    bits: dict[str, int] | None = Field(None, description="kmeans: the bit width of each shared layer (chosen or set).")
+    bit_sensitivity: dict[str, Any] | None = Field(
+        None,
+        description="kmeans bits: auto: validation quality lost by each layer clustered alone at each width, the budget, "
+        "and the joint loss of the chosen widths.",
+    )
 
 
 class DistillOutput(StageOutput):

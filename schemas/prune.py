@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, PositiveInt, model_validator
 
-from schemas.common import Finetune, Section, registry
+from schemas.common import Finetune, Optimizer, Section, registry
 
 _PATTERNS = (
     "Shell-style patterns (fnmatch, case-sensitive) on module names as model.named_modules() spells them, "
@@ -14,14 +14,38 @@ _PATTERNS = (
 )
 
 
-class _PruneBase(Section):
+class _Common(Section):
+    """What every pruning method has."""
+
     enabled: bool = Field(True, description="false passes the teacher through unchanged.")
+    skip: list[str] = Field(default_factory=list, description=f"Layers never pruned. {_PATTERNS}.")
+    dead_units: bool = Field(
+        True,
+        description="Remove the neurons/channels pruning left without weights (all incoming, or all outgoing, weights zero), "
+        "with their biases and the next layer's matching inputs; a dead unit's constant output is folded into the next "
+        "layer's bias. The file stores the smaller architecture; predictions stay the same.",
+    )
+    sensitivity: bool = Field(
+        False, description="Also run a per-layer sensitivity analysis on the teacher (reports/sensitivity/: JSON, markdown, PNG)."
+    )
+    sensitivity_sparsities: list[float] = Field(
+        default_factory=lambda: [0.3, 0.5, 0.7, 0.8, 0.9, 0.95],
+        min_length=1,
+        description="Sparsities at which each layer is pruned alone for the sensitivity analysis.",
+    )
+    finetune: Finetune = Field(default_factory=Finetune, description="Fine-tuning after pruning; pruned weights stay exactly zero.")
+
+    @model_validator(mode="after")
+    def _levels(self):  # noqa: ANN202 - pydantic validator
+        return self
+
+
+class _PruneBase(_Common):
     sparsity: float = Field(0.8, gt=0, lt=1, description="Fraction of prunable weights (Linear/Conv weights, not biases) set to zero.")
     layers: dict[str, float] = Field(
         default_factory=dict,
         description=f"Per-layer targets overriding `sparsity`: {{pattern: sparsity}}. {_PATTERNS}; the last matching pattern wins.",
     )
-    skip: list[str] = Field(default_factory=list, description=f"Layers never pruned. {_PATTERNS}.")
     schedule: Literal["one-shot", "iterative", "gradual"] = Field(
         "one-shot",
         description="one-shot: prune once, then fine-tune; iterative: `rounds` × (prune a share, fine-tune `finetune.epochs`); "
@@ -39,14 +63,6 @@ class _PruneBase(Section):
         description="gradual: optimizer steps between two mask updates (unstructured methods; structured pruning "
         "advances the ramp once per epoch, since the layers change shape).",
     )
-    sensitivity: bool = Field(
-        False, description="Also run a per-layer sensitivity analysis on the teacher (reports/sensitivity/: JSON, markdown, PNG)."
-    )
-    sensitivity_sparsities: list[float] = Field(
-        default_factory=lambda: [0.3, 0.5, 0.7, 0.8, 0.9, 0.95],
-        min_length=1,
-        description="Sparsities at which each layer is pruned alone for the sensitivity analysis.",
-    )
     steps: list[float] | None = Field(
         None,
         min_length=1,
@@ -60,7 +76,6 @@ class _PruneBase(Section):
         description="iterative: fine-tuning epochs after each step (one value per step, e.g. [4, 4, 4, 4, 16] to retrain "
         "longer at the final sparsity); null = `finetune.epochs` after every step.",
     )
-    finetune: Finetune = Field(default_factory=Finetune, description="Fine-tuning after pruning; pruned weights stay exactly zero.")
 
     @model_validator(mode="after")
     def _steps(self):  # noqa: ANN202 - pydantic validator
@@ -90,8 +105,6 @@ class _PruneBase(Section):
         for p, s in self.layers.items():
             if not 0 <= s < 1:
                 raise ValueError(f"layers[{p!r}] = {s}: a sparsity must be in [0, 1)")
-        if any(not 0 < s < 1 for s in self.sensitivity_sparsities):
-            raise ValueError("sensitivity_sparsities: every value must be in (0, 1)")
         if self.schedule == "gradual":
             if self.initial_sparsity >= self.sparsity:
                 raise ValueError(f"initial_sparsity ({self.initial_sparsity}) must be below sparsity ({self.sparsity}) for schedule: gradual")
@@ -149,4 +162,41 @@ class StructuredPrune(_PruneBase):
     )
 
 
-PruneParams = registry("method", "magnitude", MagnitudePrune, RandomPrune, StructuredPrune)
+class VariationalPrune(_Common):
+    method: Literal["variational"] = Field(
+        description="Sparse variational dropout (Molchanov et al. 2017): trains, from the teacher, a Gaussian dropout "
+        "rate alpha per weight (log sigma^2 per weight, local reparameterization, the paper's KL approximation) and "
+        "removes the weights whose log alpha exceeds `threshold`. The sparsity is learned, not set."
+    )
+    threshold: float = Field(
+        3.0, ge=-4, le=8,
+        description="Weights with log alpha above this are removed (3 in the paper: dropout rate above 95 %). Lower "
+        "removes more.",
+    )
+    kl_weight: float = Field(
+        1.0, gt=0, le=1000,
+        description="Weight of the KL term against the data term (1 = the variational lower bound); above 1 trades "
+        "accuracy for sparsity.",
+    )
+    kl_warmup: float = Field(
+        0.3, ge=0, le=1,
+        description="Share of the training steps over which the KL weight rises linearly from 0 to `kl_weight` (the "
+        "paper's warm-up); 0 = full weight from the first step.",
+    )
+    init_log_sigma2: float = Field(
+        -10.0, ge=-20, le=0, description="Initial log sigma^2 of every weight (the paper: -10, i.e. nearly no noise)."
+    )
+    finetune: Finetune = Field(
+        default_factory=lambda: Finetune(epochs=20, batch_size=100, optimizer=Optimizer(name="adam", lr=1e-3)),
+        description="The variational training itself (weights start from the teacher; Adam as in the paper); with "
+        "distill_from_teacher the data term uses the teacher's soft targets. epochs ≥ 1.",
+    )
+
+    @model_validator(mode="after")
+    def _trains(self):  # noqa: ANN202 - pydantic validator
+        if self.finetune.epochs < 1:
+            raise ValueError("method: variational learns which weights to drop by training: set finetune.epochs ≥ 1")
+        return self
+
+
+PruneParams = registry("method", "magnitude", MagnitudePrune, RandomPrune, StructuredPrune, VariationalPrune)

@@ -73,11 +73,25 @@ class KMeansQuant(_QuantizeBase):
         description="n-bit weight sharing (Deep Compression): each layer's weights replaced by one of 2**bits "
         "k-means centroids; stored as a codebook + uint8 indices."
     )
-    bits: Bits = Field(4, description="Bits per weight index (2..8): 2**bits shared values per layer.")
+    bits: Bits | Literal["auto"] = Field(
+        4,
+        description="Bits per weight index (2..8): 2**bits shared values per layer. auto: each layer's width is chosen "
+        "from a measured sensitivity (every layer clustered alone at each of `auto_bits`, validation quality measured) "
+        "as the fewest index bits whose summed loss stays within `auto_budget`, then checked with all layers clustered "
+        "together (the most sensitive layer gets a bit more until it fits).",
+    )
+    auto_bits: list[Bits] = Field(
+        default_factory=lambda: [2, 3, 4, 5, 6, 7, 8], min_length=1, description="bits: auto: the widths tried per layer."
+    )
+    auto_budget: float = Field(
+        0.002, ge=0,
+        description="bits: auto: largest validation accuracy drop (fraction, 0.002 = 0.2 pp; for regression the MSE "
+        "increase) that clustering may cost, measured before centroid fine-tuning.",
+    )
     layer_bits: dict[str, Bits | None] = Field(
         default_factory=dict,
         description="Per-layer bits by layer-name pattern (fnmatch, e.g. {'net.0': 8, 'classifier.*': 5}); the first "
-        "matching pattern wins, null keeps that layer float. Other Linear/Conv layers use bits.",
+        "matching pattern wins, null keeps that layer float. Other Linear/Conv layers use bits (fixed or auto).",
     )
     finetune: Finetune = Field(
         default_factory=lambda: Finetune(epochs=1),

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -26,7 +26,7 @@ from shrinkflow.artifacts import ModelHeader
 from shrinkflow.data import Splits
 from shrinkflow.errors import ParamsError
 from shrinkflow.losses import logits_loss, regression_loss
-from shrinkflow.training import FitResult, fit, predict
+from shrinkflow.training import FitResult, fit, predict, task_loss
 
 P = TypeVar("P")
 #: A method's entry point: (model, header, its params model, env) -> (model, header).
@@ -44,6 +44,8 @@ class Env:
     teacher / teacher_outputs: the teacher, and its outputs on the training split
         (soft targets); the outputs are computed from the teacher when not given.
     on_epoch: receives every training epoch's row (per-epoch curves); None = none.
+    notes: what a method reports besides the model (e.g. the bit widths it chose and
+        the sensitivity they came from); the stage writes them into its manifest.
     """
 
     splits: Splits | None = None
@@ -52,6 +54,7 @@ class Env:
     teacher: nn.Module | None = None
     teacher_outputs: torch.Tensor | None = None
     on_epoch: Callable[[dict[str, float]], None] | None = None
+    notes: dict[str, Any] = field(default_factory=dict)
 
     def data(self, where: str) -> Splits:
         """The prepared data, or a ParamsError naming ``where`` when there is none."""
@@ -67,9 +70,13 @@ class Env:
             raise ParamsError(f"{where} uses the teacher's soft targets, but no teacher is available")
         return predict(self.teacher, self.data(where).tensors("train")[0])
 
-    def finetuner(self, ft: Finetune, where: str) -> Finetuner:
+    def finetuner(self, ft: Finetune, where: str, penalty: Callable[[], torch.Tensor] | None = None) -> Finetuner:
         """``finetune(model, epochs, after_step)`` with ``ft``'s optimizer and batch size, plus the
-        teacher's soft targets when ``ft.distill_from_teacher``."""
+        teacher's soft targets when ``ft.distill_from_teacher``.
+
+        Args:
+            penalty: a regularizer added to every batch's loss (e.g. a variational KL term).
+        """
         splits = self.data(where)
         loss_fn, extra = None, []
         if ft.distill_from_teacher:
@@ -77,6 +84,11 @@ class Env:
             loss_fn = (
                 logits_loss(ft.temperature, ft.alpha) if splits.task == "classification" else regression_loss(alpha=ft.alpha)
             )
+        if penalty is not None:
+            base = loss_fn or task_loss(splits.task)
+
+            def loss_fn(out: torch.Tensor, *targets: torch.Tensor) -> torch.Tensor:
+                return base(out, *targets) + penalty()
 
         def finetune(model: nn.Module, epochs: int, after_step: Callable[[nn.Module], None] | None) -> FitResult:
             return fit(

@@ -71,6 +71,16 @@ def _pack_variant(variant: str, model, header, unpacked, ctx: Context, reference
     return loaded, header, described, summary
 
 
+def _bits_lines(headers: dict) -> list[str]:
+    """Report section: the k-means bit width of every shared layer, per variant that has them."""
+    rows = []
+    for variant, header in headers.items():
+        shared = [t["layers"] for t in header.transforms if t["kind"] == "kmeans"]
+        if shared:
+            rows.append(f"- `{variant}`: " + ", ".join(f"{layer} {bits} bits" for layer, bits in shared[-1].items()))
+    return ["## k-means bit widths", "", *rows, ""] if rows else []
+
+
 def _reference(splits) -> torch.Tensor:
     """The inputs whose predictions a packed file keeps: the validation split (the training split without one).
 
@@ -109,7 +119,7 @@ def run(params: EvaluateParams, ctx: Context) -> EvaluateOutput:
     X, y = splits.tensors("test")
     task = splits.task
     qkey = "accuracy" if task == "classification" else "mse"
-    models, files, structure = {}, {}, {}
+    models, files, structure, headers = {}, {}, {}, {}
     packed: dict | None = None
     for stage, variant in VARIANTS.items():
         path = ctx.paths.model(stage)
@@ -121,6 +131,7 @@ def run(params: EvaluateParams, ctx: Context) -> EvaluateOutput:
                 variant, models[variant], header, files[variant], ctx, reference
             )
         structure[variant] = {"sparsity": sparsity_of(models[variant], header), "macs": macs(models[variant], header)}
+        headers[variant] = header
     if packed is None:  # models/evaluate is a DVC out: say why it holds no packed file
         write_json(ctx.paths.pack_summary, {"variant": None, "reason": f"evaluate.pack: {params.pack}"})
     outputs = {v: predict(m, X) for v, m in models.items()}
@@ -171,6 +182,7 @@ def run(params: EvaluateParams, ctx: Context) -> EvaluateOutput:
             render_table(metrics),
             "",
             *_packed_lines(packed),
+            *_bits_lines(headers),
             f"## Gates (on the final model, `{FINAL}`)",
             *gate_lines,
             "",

@@ -1,8 +1,10 @@
 """prune: remove weights (or whole neurons/channels) by the chosen method and schedule.
 
-Unstructured methods keep the architecture and zero weights (kept at zero through
-fine-tuning); the file is written with the ``sparse`` storage so it shrinks with
-sparsity. ``structured`` shrinks the layers and records how in the file's header.
+Unstructured methods (magnitude, random, variational) keep the architecture and zero
+weights (kept at zero through fine-tuning); the file is written with the ``sparse``
+storage so it shrinks with sparsity. ``structured`` shrinks the layers and records
+how in the file's header; so does the removal of units left without weights
+(``prune.dead_units``).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from shrinkflow.data import load_splits
 from shrinkflow.masks import prunable, sparsity
 from shrinkflow.measure import macs, model_file
 from shrinkflow.models import count_params
-from shrinkflow.pruning import PRUNERS
+from shrinkflow.pruning import PRUNERS, remove_dead_units
 from shrinkflow.pruning.magnitude import layer_name, layer_targets
 from shrinkflow.training import seed_everything
 from tasks import Context
@@ -34,6 +36,11 @@ def _auto_layers(params: PruneParams, table: dict, model) -> dict[str, float]:
     allocated = sens.auto_allocate(table, params.sparsity, pool)
     # The user's own patterns come last so they win over the allocation.
     return {**allocated, **params.layers}
+
+
+def _probe(splits):
+    """Inputs on which dead-unit removal checks that the outputs stay: a few hundred training examples."""
+    return splits.tensors("train")[0][:256]
 
 
 def run(params: PruneParams, ctx: Context) -> PruneOutput:
@@ -61,8 +68,11 @@ def run(params: PruneParams, ctx: Context) -> PruneOutput:
             extra["allocation"] = layers
         with method_env(STAGE, ctx, splits, teacher=params.finetune.distill_from_teacher, curves=True) as env:
             model, header = PRUNERS[params.method](model, header, params, env)
+        if params.dead_units:
+            model, header, removed = remove_dead_units(model, header, _probe(splits))
+            extra["dead_units"] = removed
         save_model(model, path, header)
-        extra.update(method=params.method, schedule=params.schedule)
+        extra.update(method=params.method, schedule=getattr(params, "schedule", None))
     else:
         pass_through(STAGE, ctx)
         no_curves(STAGE, ctx)

@@ -29,10 +29,13 @@ def run(params: QuantizeParams, ctx: Context) -> QuantizeOutput:
         finetune = getattr(params, "finetune", None)
         with method_env(STAGE, ctx, splits, teacher=bool(finetune and finetune.epochs and finetune.distill_from_teacher)) as env:
             qmodel, header = QUANTIZERS[params.method](model, header, params, env)
+        notes = env.notes
         save_model(qmodel, path, header)
     else:
+        notes = {}
         pass_through(STAGE, ctx)
     model, header = load(STAGE, ctx)
+    shared = [t["layers"] for t in header.transforms if t["kind"] == "kmeans"]
     total, _ = sparsity_of(model, header)
     if params.enabled:
         after = masks_from_zeros(to_float(model, header))
@@ -45,4 +48,6 @@ def run(params: QuantizeParams, ctx: Context) -> QuantizeOutput:
         method=params.method if params.enabled else "none",
         sparsity=total,
         val_metric=val_metric(model, splits) if splits is not None else None,
+        bits=shared[-1] if shared else None,
+        bit_sensitivity=notes.get("bit_sensitivity"),
     )

@@ -114,7 +114,8 @@ def _scheduler(ramp: Callable[[int, int], float]) -> Callable[[float, int], list
 def _rebuild(model: nn.Module, entry: dict[str, Any], header: ModelHeader) -> nn.Module:
     import torch_pruning as tp
 
-    dg = tp.DependencyGraph().build_dependency(model.eval(), example_inputs=example_input(header.input_shape), verbose=False)
+    with torch.enable_grad():  # Torch-Pruning traces with autograd: loading inside torch.no_grad() must work too
+        dg = tp.DependencyGraph().build_dependency(model.eval(), example_inputs=example_input(header.input_shape), verbose=False)
     dg.load_pruning_history([(name, bool(out), list(idxs)) for name, out, idxs in entry["history"]])
     return model
 

@@ -16,6 +16,9 @@ so the centroid moves by the cluster's pooled (averaged) gradient step. The same
 hook (``Transform.constrain``) keeps later training (distill) inside the codebook,
 and ``reapply`` reads the tied weights back into codebook + indices losslessly.
 
+``bits: auto`` chooses each layer's width from a measured per-layer sensitivity
+under a validation-quality budget (:func:`choose_bits`).
+
 Reading codebooks (for entropy coding or packing): :func:`codebooks`.
 """
 
@@ -148,8 +151,8 @@ def pad(codebook: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.cat([codebook.float(), codebook.new_zeros(2**bits - len(codebook))])
 
 
-def shareable_layers(model: nn.Module, default: int | None, patterns: dict[str, int | None]) -> dict[str, int]:
-    """{layer name: bits} of the layers to share; patterns must match some layer."""
+def shareable_layers(model: nn.Module, default: int | str | None, patterns: dict[str, int | None]) -> dict[str, int | str]:
+    """{layer name: bits (or ``"auto"``)} of the layers to share; patterns must match some layer."""
     layers = {name: mod for name, mod in model.named_modules() if isinstance(mod, SHAREABLE) or is_shared(mod)}
     for pattern in patterns:
         if not any(fnmatch.fnmatchcase(n, pattern) for n in layers):
@@ -164,13 +167,106 @@ def shareable_layers(model: nn.Module, default: int | None, patterns: dict[str, 
     return chosen
 
 
-def _apply(model: nn.Module, layers: dict[str, int], seed: int) -> nn.Module:
+def _apply(model: nn.Module, layers: dict[str, int], seed: int,
+           clusters: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] | None = None) -> nn.Module:
+    """Share each listed layer at its bits; ``clusters`` holds (codebook, indices) already computed by (layer, bits)."""
     mods = dict(model.named_modules())
     for name, bits in layers.items():
         mod = mods[name]
-        codebook, index = cluster(mod.weight, bits, seed)
+        found = (clusters or {}).get((name, bits))
+        codebook, index = found if found is not None else cluster(mod.weight, bits, seed)
         share(mod, codebook, index)
     return model
+
+
+# ------------------------------------------------------- bit widths, chosen
+
+
+def _index_bits(nnz: int, bits: int) -> int:
+    """What a layer costs at ``bits`` in a packed file, roughly: an index per non-zero plus a float16 codebook."""
+    return nnz * bits + 16 * min(2**bits, max(nnz, 1))
+
+
+def choose_bits(
+    model: nn.Module, layers: list[str], choices: list[int], budget: float, env: Env, where: str = "quantize.bits: auto",
+) -> tuple[dict[str, int], dict[str, Any]]:
+    """Per-layer widths from a measured sensitivity, under a quality budget.
+
+    Every layer is clustered alone at each width in ``choices`` (the others stay
+    float) and the validation quality measured; a layer's loss at a width is the
+    largest drop measured at that width or any wider one (fewer bits never count as
+    better). Starting from the widest choice everywhere, the layer whose next
+    narrower width saves the most index bits per unit of added loss is narrowed,
+    while the summed losses stay within ``budget``. Then all layers are clustered
+    together and measured: while the joint loss exceeds the budget, the layer with
+    the largest loss at its width gets the next wider one.
+
+    Returns:
+        ({layer: bits}, the table: baseline, per-layer loss by width, the joint loss).
+    """
+    from shrinkflow.training import predict, quality
+
+    splits = env.data(where)
+    X, y = splits.tensors("val")
+    if not len(X):
+        raise ParamsError(f"{where} measures validation quality: set data.val_fraction above 0")
+    sign = 1.0 if splits.task == "classification" else -1.0  # accuracy falls, MSE rises
+
+    def loss(m: nn.Module) -> float:
+        return max(0.0, sign * (base - quality(predict(m, X), y, splits.task)))
+
+    base = quality(predict(model, X), y, splits.task)
+    choices = sorted(set(choices))
+    mods = dict(model.named_modules())
+    nnz = {n: int(torch.count_nonzero(mods[n].weight)) for n in layers}
+    clusters: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+    measured: dict[str, dict[int, float]] = {}
+    for name in layers:
+        measured[name] = {}
+        for b in choices:
+            clusters[(name, b)] = cluster(mods[name].weight, b, env.seed)
+            measured[name][b] = loss(_apply(copy.deepcopy(model), {name: b}, env.seed, clusters))
+    # Fewer bits never lose less: each width's loss is the worst at it or any wider width.
+    worst = {n: {b: max(measured[n][c] for c in choices if c >= b) for b in choices} for n in layers}
+    chosen = {n: choices[-1] for n in layers}
+
+    def total(bits: dict[str, int]) -> float:
+        return sum(worst[n][bits[n]] for n in layers)
+
+    while True:
+        best: tuple[float, str] | None = None
+        for n in layers:
+            i = choices.index(chosen[n])
+            if i == 0:
+                continue
+            trial = {**chosen, n: choices[i - 1]}
+            if total(trial) > budget + 1e-12:
+                continue
+            saved = _index_bits(nnz[n], chosen[n]) - _index_bits(nnz[n], choices[i - 1])
+            added = worst[n][choices[i - 1]] - worst[n][chosen[n]]
+            score = saved / (added + 1e-6)
+            if best is None or score > best[0]:
+                best = (score, n)
+        if best is None:
+            break
+        chosen[best[1]] = choices[choices.index(chosen[best[1]]) - 1]
+    joint = loss(_apply(copy.deepcopy(model), chosen, env.seed, clusters))
+    while joint > budget + 1e-12:
+        wider = [n for n in layers if chosen[n] < choices[-1]]
+        if not wider:
+            break
+        n = max(wider, key=lambda k: (worst[k][chosen[k]], nnz[k]))
+        chosen[n] = choices[choices.index(chosen[n]) + 1]
+        joint = loss(_apply(copy.deepcopy(model), chosen, env.seed, clusters))
+    table = {
+        "metric": "accuracy" if splits.task == "classification" else "mse",
+        "baseline": base,
+        "budget": budget,
+        "loss": {n: {str(b): measured[n][b] for b in choices} for n in layers},
+        "joint_loss": joint,
+        "bits": dict(chosen),
+    }
+    return chosen, table
 
 
 # --------------------------------------------------------- tying (fine-tuning)
@@ -218,6 +314,13 @@ def quantize_kmeans(model: nn.Module, header: ModelHeader, params: KMeansQuant, 
     layers = shareable_layers(fmodel, params.bits, dict(params.layer_bits))
     if not layers:
         raise ParamsError("quantize.layer_bits leaves no layer to quantize: set quantize.bits or a pattern with bits 2..8")
+    auto = [n for n, b in layers.items() if b == "auto"]
+    if auto:
+        # The fixed layers are shared first: the widths of the others are chosen around them.
+        fixed = {n: b for n, b in layers.items() if b != "auto"}
+        picked, table = choose_bits(_apply(copy.deepcopy(fmodel), fixed, env.seed), auto, list(params.auto_bits), params.auto_budget, env)
+        env.notes["bit_sensitivity"] = table
+        layers = {n: (picked[n] if b == "auto" else b) for n, b in layers.items()}
     qmodel = _apply(fmodel, layers, env.seed)
     entry = {"kind": KIND, "layers": layers}
     shared = header.with_transform(KIND, layers=layers)
