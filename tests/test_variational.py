@@ -14,8 +14,10 @@ from schemas.common import Finetune, Optimizer
 from schemas.data import DigitsData
 from schemas.params import Params
 from schemas.prune import MagnitudePrune, VariationalPrune
-from schemas.quantize import KMeansQuant, StaticQuant
-from shrinkflow.artifacts import ModelHeader, save_model
+from schemas.distill import LogitsDistill
+from schemas.quantize import DynamicQuant, KMeansQuant, StaticQuant
+from shrinkflow.artifacts import ModelHeader, save_model, to_float
+from shrinkflow.distillation import distill
 from shrinkflow.data import prepare
 from shrinkflow.errors import ParamsError
 from shrinkflow.loading import load_model
@@ -120,13 +122,13 @@ def test_weights_above_the_threshold_are_exactly_zero_in_the_saved_file(teacher,
 
 def test_conv_layers_and_every_later_stage(digits, tmp_path):
     """LeNet-5 (conv + linear) trained variationally is an ordinary masked model: dead units leave, kmeans with
-    automatic bits, packing, static int8 and ONNX export all take it."""
+    automatic bits, packing, static and dynamic int8, distill (student: compressed) and ONNX export all take it."""
     header = ModelHeader(spec={"arch": "lenet5"}, input_shape=digits.input_shape, out_features=10, task="classification")
     seed_everything(0)
     model = header.build()
-    fit(model, digits, epochs=4, batch_size=64, optimizer=Optimizer(lr=0.05), seed=0, device=torch.device("cpu"), where="t")
+    fit(model, digits, epochs=3, batch_size=64, optimizer=Optimizer(lr=0.05), seed=0, device=torch.device("cpu"), where="t")
     params = VD.model_copy(update={
-        "finetune": Finetune(epochs=6, batch_size=100, optimizer=Optimizer(name="adam", lr=3e-3), distill_from_teacher=True)
+        "finetune": Finetune(epochs=3, batch_size=100, optimizer=Optimizer(name="adam", lr=3e-3), distill_from_teacher=True)
     })
     env = Env(splits=digits, seed=0, teacher=model)
     vd, vh = PRUNERS["variational"](copy.deepcopy(model), header, params, env)
@@ -141,9 +143,17 @@ def test_conv_layers_and_every_later_stage(digits, tmp_path):
     assert rep.breakdown["positions"] > 0
     with torch.no_grad():
         assert torch.equal(shrinkflow.load(tmp_path / "vd.sfz")(X), q(X))
-    s, shs = QUANTIZERS["static"](small, sh, StaticQuant(), Env(splits=digits, seed=0))
-    save_model(s, tmp_path / "static.pt", shs)
-    assert _accuracy(load_model(tmp_path / "static.pt")[0], digits) > _accuracy(small, digits) - 0.03
+    for method, params in (("static", StaticQuant()), ("dynamic", DynamicQuant())):
+        s, shs = QUANTIZERS[method](small, sh, params, Env(splits=digits, seed=0))
+        save_model(s, tmp_path / f"{method}.pt", shs)
+        assert _accuracy(load_model(tmp_path / f"{method}.pt")[0], digits) > _accuracy(small, digits) - 0.03, method
+    # distill student: compressed keeps the zeros (and the codebooks) of the variational model.
+    student, stu_h = distill(copy.deepcopy(q), qh, LogitsDistill(method="logits", epochs=1), Env(splits=digits, seed=0, teacher=model))
+    save_model(student, tmp_path / "student.pt", stu_h)
+    loaded, _ = load_model(tmp_path / "student.pt")
+    for (name, a), b in zip(to_float(q, qh).state_dict().items(), to_float(loaded, stu_h).state_dict().values(), strict=True):
+        if name.endswith("weight"):
+            assert torch.equal(a == 0, b == 0), name
     pytest.importorskip("onnxruntime")
     from shrinkflow.export import check_onnx, export_onnx
 
