@@ -37,6 +37,8 @@ class _Common(Section):
 
     @model_validator(mode="after")
     def _levels(self):  # noqa: ANN202 - pydantic validator
+        if any(not 0 < s < 1 for s in self.sensitivity_sparsities):
+            raise ValueError("sensitivity_sparsities: every value must be in (0, 1)")
         return self
 
 

@@ -179,3 +179,33 @@ def test_variational_keys_are_validated_and_documented():
 def test_a_skip_pattern_that_matches_nothing_is_named(teacher, digits):
     with pytest.raises(ParamsError, match="net.9"):
         PRUNERS["variational"](copy.deepcopy(teacher[0]), teacher[1], VD.model_copy(update={"skip": ["net.9"]}), Env(splits=digits))
+
+
+@pytest.mark.slow
+def test_the_max_preset_runs_through_dvc_repro(tmp_path):
+    """examples/max-lenet300 (its prune, quantize and evaluate sections as they are) on digits, by `dvc repro`."""
+    import json
+
+    from conftest import REPO, dvc, make_project, ran_stages, set_params
+
+    from schemas.paths import STAGES
+
+    root = make_project(tmp_path / "proj", (REPO / "examples/max-lenet300/params.yaml").read_text())
+    set_params(root, [
+        "data={source: digits, path: data/raw}", "train_teacher.model={arch: mlp, hidden: [128, 64]}",
+        "train_teacher.epochs=15", "prune.finetune.epochs=30", "quantize.finetune.epochs=1",
+        "evaluate.min_run_time=0.05", "evaluate.gates={max_accuracy_drop: 0.05}",
+    ])
+    assert ran_stages(dvc(root, "repro").stdout) == list(STAGES)
+    prune = json.loads((root / "reports/prune.json").read_text())
+    quantize = json.loads((root / "reports/quantize.json").read_text())
+    metrics = json.loads((root / "reports/metrics.json").read_text())
+    pack = json.loads((root / "models/evaluate/pack.json").read_text())
+    assert prune["method"] == "variational" and prune["sparsity"] > 0.8
+    assert set(quantize["bits"]) == {"net.1", "net.3", "net.5"} and quantize["bit_sensitivity"]["joint_loss"] <= 0.001
+    assert metrics["student"]["size_bytes"] == (root / "models/evaluate/student.sfz").stat().st_size
+    assert metrics["student"]["compression_ratio"] > 10
+    assert pack["checked"] > 0 and pack["format_version"] == 2
+    report = (root / "reports/report.md").read_text()
+    assert "## k-means bit widths" in report
+    assert ("| structure |" in report) == bool(prune["dead_units"])
