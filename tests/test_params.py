@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import REPO
 from pydantic import ValidationError
@@ -31,10 +32,25 @@ def test_shipped_params_files_are_valid():
         load_params(f, root=REPO)
 
 
+def _idx(path, shape):
+    import gzip
+    import struct
+
+    with gzip.open(path, "wb") as f:
+        f.write(struct.pack(">HBB", 0, 8, len(shape)) + struct.pack(f">{len(shape)}I", *shape) + bytes(int(np.prod(shape))))
+
+
 def test_mnist_example_valid_with_data_path(tmp_path):
-    (tmp_path / "mnist").mkdir()
-    p = load_params(REPO / "examples/mnist-lenet300/params.yaml", [f"data.path={tmp_path / 'mnist'}"], root=REPO)
+    folder = tmp_path / "mnist"
+    folder.mkdir()
+    for split, n in (("train", 3), ("t10k", 2)):
+        _idx(folder / f"{split}-images-idx3-ubyte.gz", (n, 28, 28))
+        _idx(folder / f"{split}-labels-idx1-ubyte.gz", (n,))
+    p = load_params(REPO / "examples/mnist-lenet300/params.yaml", [f"data.path={folder}"], root=REPO)
     assert p.data.source == "mnist" and p.train_teacher.model.hidden == [300, 100]
+    (folder / "t10k-labels-idx1-ubyte.gz").write_bytes(b"not an idx file")
+    with pytest.raises(ParamsError, match="t10k-labels-idx1-ubyte.gz: not a readable IDX file"):
+        load_params(REPO / "examples/mnist-lenet300/params.yaml", [f"data.path={folder}"], root=REPO)
 
 
 @pytest.mark.parametrize("bad", BAD, ids=[p.stem for p in BAD])
