@@ -264,17 +264,65 @@ def pack(
     model: Annotated[Path, typer.Argument(help="Model file to pack (.pt, or .sfz to repack).")],
     out: Annotated[Path, typer.Argument(help="Packed file to write, e.g. model.sfz.")],
     no_huffman: Annotated[bool, typer.Option("--no-huffman", help="Fixed-width streams (to see what entropy coding adds).")] = False,
+    reference: Annotated[
+        Path | None,
+        typer.Option(
+            "--reference",
+            help="Inputs (.npy, or .npz with X) whose predicted classes the file must keep: biases, codebooks and "
+            "other float values are then stored as float16 wherever every one of these predictions stays the same. "
+            "Without it the file is lossless.",
+        ),
+    ] = None,
     allow: AllowOpt = None,
 ) -> None:
-    """Pack a model into the Deep Compression format (sparse positions, shared weights, Huffman)."""
-    from shrinkflow.loading import pack_file
+    """Pack a model into the Deep Compression format (sparse positions, shared weights, Huffman); print where the bytes go."""
+    from shrinkflow.loading import load_model, pack_file
 
     try:
-        rep = pack_file(model, out, entropy=not no_huffman, allow=allow or [])
+        ref = None
+        if reference is not None:
+            _, header = load_model(model, allow or [])
+            ref = _read_inputs(reference, header.input_shape)
+        rep = pack_file(model, out, entropy=not no_huffman, allow=allow or [], reference=ref)
     except ShrinkflowError as exc:
         _fail(exc)
-    parts = ", ".join(f"{k} {v:,}" for k, v in rep.breakdown.items())
-    typer.echo(f"{out}: {rep.size_bytes:,} bytes ({parts}); was {model.stat().st_size:,} bytes")
+    typer.echo(f"{out}: {rep.size_bytes:,} bytes (packed format version {rep.version}); {model}: {model.stat().st_size:,} bytes\n")
+    typer.echo("\n".join(rep.markdown()))
+    if rep.checked:
+        typer.echo(
+            f"\nfloat16: {', '.join(rep.rounded) or 'none'} (every predicted class on {rep.checked:,} reference inputs kept)"
+        )
+
+
+def _read_inputs(path: Path, input_shape: list[int]):
+    """Rows of a .npy array or of the array X in an .npz, as a float32 tensor shaped [N, *input_shape]."""
+    import numpy as np
+    import torch
+
+    from shrinkflow.errors import InputError
+
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.ndarray):
+            X = loaded
+        else:
+            with loaded:
+                X = loaded["X"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise InputError(f"{path}: expected a .npy array or an .npz with array 'X' ({exc})") from exc
+    if not (np.issubdtype(X.dtype, np.number) or X.dtype == np.bool_):
+        raise InputError(f"{path}: holds {X.dtype} values, not numbers: give the model numeric inputs")
+    X = X.astype(np.float32)
+    if X.ndim < 1 or len(X) == 0:
+        raise InputError(f"{path}: no rows (shape {list(X.shape)})")
+    if not np.isfinite(X).all():
+        raise InputError(f"{path}: contains NaN or infinite values")
+    if list(X.shape[1:]) != list(input_shape):
+        if X.ndim >= 1 and int(np.prod(X.shape[1:])) == int(np.prod(input_shape)):
+            X = X.reshape(len(X), *input_shape)
+        else:
+            raise InputError(f"{path}: rows shaped {list(X.shape[1:])}, the model takes {input_shape}")
+    return torch.from_numpy(X)
 
 
 @app.command()
@@ -284,37 +332,15 @@ def predict(
     allow: AllowOpt = None,
 ) -> None:
     """Print the model's prediction for each input row (class, or regression outputs)."""
-    import numpy as np
     import torch
 
-    from shrinkflow.errors import InputError
     from shrinkflow.loading import load_model
 
     try:
         net, header = load_model(model, allow or [])
-        try:
-            loaded = np.load(inputs, allow_pickle=False)
-            if isinstance(loaded, np.ndarray):
-                X = loaded
-            else:
-                with loaded:
-                    X = loaded["X"]
-        except (OSError, ValueError, KeyError) as exc:
-            raise InputError(f"{inputs}: expected a .npy array or an .npz with array 'X' ({exc})") from exc
-        if not (np.issubdtype(X.dtype, np.number) or X.dtype == np.bool_):
-            raise InputError(f"{inputs}: holds {X.dtype} values, not numbers: give the model numeric inputs")
-        X = X.astype(np.float32)
-        if X.ndim < 1 or len(X) == 0:
-            raise InputError(f"{inputs}: no rows to predict (shape {list(X.shape)})")
-        if not np.isfinite(X).all():
-            raise InputError(f"{inputs}: contains NaN or infinite values")
-        if list(X.shape[1:]) != list(header.input_shape):
-            if X.ndim >= 1 and int(np.prod(X.shape[1:])) == int(np.prod(header.input_shape)):
-                X = X.reshape(len(X), *header.input_shape)
-            else:
-                raise InputError(f"{inputs}: rows shaped {list(X.shape[1:])}, the model takes {header.input_shape}")
+        X = _read_inputs(inputs, header.input_shape)
         with torch.inference_mode():
-            out = net(torch.from_numpy(X)).float()
+            out = net(X).float()
     except ShrinkflowError as exc:
         _fail(exc)
     if header.task == "classification":

@@ -40,8 +40,27 @@ def evil_pt(path: Path, marker: Path) -> Path:
 
 
 def evil_sfz(path: Path, marker: Path) -> Path:
-    data, _ = container.encode({"header": evil_header(marker), "tensors": [], "qparams": []}, b"")
-    path.write_bytes(data)  # magic, lengths and CRC all valid: only the header is hostile
+    """A packed file of the current version whose header is swapped for the hostile one, re-sealed:
+    magic, lengths and CRC all valid."""
+    from shrinkflow.packing import pack_model
+
+    h = ModelHeader(spec={"arch": "mlp", "hidden": [3]}, input_shape=[4], out_features=2, task="classification")
+    pack_model(h.build(), h, path)
+    _, meta, payload = container.decode(path.read_bytes(), str(path))
+    key = next(k for k in ("h", "header") if k in meta)
+    data, _ = container.encode({**meta, key: evil_header(marker)}, bytes(payload))
+    path.write_bytes(data)
+    return path
+
+
+def evil_sfz_v1(path: Path, marker: Path) -> Path:
+    """The same in format version 1 (still read): zlib JSON metadata, no tensors."""
+    import struct
+    import zlib
+
+    meta = zlib.compress(json.dumps({"header": evil_header(marker), "tensors": [], "qparams": []}).encode())
+    body = struct.pack("<8sHHII", container.MAGIC, 1, 0, len(meta), 0) + meta
+    path.write_bytes(body + struct.pack("<I", zlib.crc32(body)))
     return path
 
 
@@ -54,9 +73,9 @@ def files(tmp_path):
 # ------------------------------------------------------------------ 1. loading runs no code
 
 
-def test_malicious_headers_run_nothing_through_load(files):
+def test_malicious_headers_run_nothing_through_load(files, tmp_path):
     marker, pt, sfz = files
-    for path in (pt, sfz):
+    for path in (pt, sfz, evil_sfz_v1(tmp_path / "evil-v1.sfz", marker)):
         with pytest.raises(UntrustedModel, match="os:system"):
             shrinkflow.load(path)
         # Even a caller who trusts `os` only gets the class check: os.system is no nn.Module subclass.
@@ -98,12 +117,17 @@ def test_header_sizes_are_bounded_before_anything_is_built(tmp_path):
             shrinkflow.load(path)
     with pytest.raises(ValueError, match=f"more than the {MAX_PARAMS:,}"):
         ModelHeader(spec={"arch": "mlp", "hidden": [2**20, 2**20]}, **base)
-    # An .sfz that announces a tensor larger than its architecture is refused before decoding.
+    # A (version 1) .sfz that announces a tensor larger than its architecture is refused before
+    # decoding; version 2 files take every shape from the architecture.
+    import struct
+    import zlib
+
     h = ModelHeader(spec={"arch": "mlp", "hidden": [8]}, **{**base, "input_shape": [4]})
     entry = {"name": "net.1.weight", "shape": [10**6, 10**6], "dtype": "float32", "layout": "dense",
              "values": {"kind": "raw", "dtype": "float32", "off": 0, "len": 0}}
-    data, _ = container.encode({"header": h.model_dump(mode="json"), "tensors": [entry], "qparams": []}, b"")
-    (tmp_path / "big.sfz").write_bytes(data)
+    meta = zlib.compress(json.dumps({"header": h.model_dump(mode="json"), "tensors": [entry], "qparams": []}).encode())
+    body = struct.pack("<8sHHII", container.MAGIC, 1, 0, len(meta), 0) + meta
+    (tmp_path / "big.sfz").write_bytes(body + struct.pack("<I", zlib.crc32(body)))
     with pytest.raises(InputError, match=r"shaped \[1000000, 1000000\], the architecture needs \[8, 4\]"):
         shrinkflow.load(tmp_path / "big.sfz")
 
