@@ -19,12 +19,11 @@ Writes bench/results/deep_compression.json and prints a markdown table.
 
 from __future__ import annotations
 
-import argparse
 import os
 import tempfile
 from pathlib import Path
 
-from presets import ROOT, error_pct, host, mean_se, run_preset, write_results
+from presets import error_pct, host, mean_se, parser, run_preset, write_results
 
 PRESETS = {"lenet300": "examples/deep-compression-lenet300/params.yaml", "lenet5": "examples/deep-compression-lenet5/params.yaml"}
 PAPER = {
@@ -80,14 +79,9 @@ def table(runs: list[dict]) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--mnist", required=True, type=Path, help="folder with the four MNIST IDX .gz files")
+    ap = parser(__doc__, "deep_compression.json", seeds=[0, 1, 2])
     ap.add_argument("--nets", nargs="+", default=["lenet300"], choices=sorted(PRESETS))
-    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    ap.add_argument("--workdir", type=Path, default=None, help="where the clones go (kept); default: a temp folder")
     ap.add_argument("--cache", type=Path, default=None, help="DVC cache shared by the clones; default: <workdir>/cache")
-    ap.add_argument("--set", dest="extra", action="append", default=[], help="another params override (smoke runs), e.g. data.train_limit=2000")
-    ap.add_argument("--out", type=Path, default=ROOT / "bench/results/deep_compression.json")
     args = ap.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="deep-compression-"))
     h = host()

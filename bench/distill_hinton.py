@@ -25,12 +25,11 @@ Writes bench/results/distill_hinton.json and prints markdown tables.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import tempfile
 from pathlib import Path
 
-from presets import ROOT, host, mean_se, run_preset, write_results
+from presets import host, mean_se, parser, run_preset, write_results
 
 STUDENT = "examples/distill-mnist-student/params.yaml"
 RECOVERY = "examples/mnist-lenet300/params.yaml"
@@ -96,17 +95,12 @@ def fmt(v: float | None) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--mnist", required=True, type=Path, help="folder with the four MNIST IDX .gz files")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap = parser(__doc__, "distill_hinton.json", seeds=[0, 1, 2])
     ap.add_argument("--parts", nargs="+", choices=["a", "b"], default=["a", "b"])
     ap.add_argument("--student-epochs", type=int, default=20)
     ap.add_argument("--small-n", type=int, default=1620, help="part A: the low-data transfer set (3 %% of 54,000)")
     ap.add_argument("--small-epochs", type=int, default=60)
     ap.add_argument("--recovery-epochs", type=int, nargs="+", default=[2, 10])
-    ap.add_argument("--set", dest="extra", action="append", default=[], help="another params override (smoke runs)")
-    ap.add_argument("--workdir", type=Path, default=None)
-    ap.add_argument("--out", type=Path, default=ROOT / "bench/results/distill_hinton.json")
     args = ap.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="distill-hinton-"))
     common = [f"data.path={args.mnist.resolve()}", *args.extra]

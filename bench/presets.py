@@ -16,6 +16,7 @@ restored from DVC's run-cache instead of being trained again.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -141,6 +142,18 @@ def mean_se(values: list[float]) -> tuple[float, float]:
         return mean, 0.0
     var = sum((v - mean) ** 2 for v in values) / (n - 1)
     return mean, (var / n) ** 0.5
+
+
+def parser(doc: str, results: str, seeds: list[int] | None = None) -> argparse.ArgumentParser:
+    """The options every preset bench takes: the MNIST folder, seeds, extra overrides, where clones and results go."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--mnist", type=Path, required=True, help="folder with the four MNIST IDX .gz files")
+    if seeds is not None:
+        ap.add_argument("--seeds", type=int, nargs="+", default=seeds)
+    ap.add_argument("--set", dest="extra", action="append", default=[], help="another params override (smoke runs), e.g. data.train_limit=2000")
+    ap.add_argument("--workdir", type=Path, default=None, help="where the clones go (kept); default: a temp folder")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / results)
+    return ap
 
 
 def write_results(path: Path, payload: dict[str, Any]) -> None:

@@ -11,23 +11,17 @@ Writes bench/results/prune_lenet300.json and prints a markdown table.
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from pathlib import Path
 
-from presets import ROOT, error_pct, host, mean_se, run_preset, write_results
+from presets import error_pct, host, mean_se, parser, run_preset, write_results
 
 PRESET = "examples/prune-lenet300/params.yaml"
 PAPER = {"params_before": 267_000, "params_after": 22_000, "err_before_pct": 1.64, "err_after_pct": 1.59}
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--mnist", type=Path, required=True, help="folder with the four MNIST IDX .gz files")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--set", dest="extra", action="append", default=[], help="another params override (smoke runs)")
-    ap.add_argument("--workdir", type=Path, default=None)
-    ap.add_argument("--out", type=Path, default=ROOT / "bench/results/prune_lenet300.json")
+    ap = parser(__doc__, "prune_lenet300.json", seeds=[0, 1, 2])
     args = ap.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="prune-lenet300-"))
     h = host()

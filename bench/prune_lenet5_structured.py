@@ -11,22 +11,16 @@ the start is recorded. Writes bench/results/prune_lenet5_structured.json, prints
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from pathlib import Path
 
-from presets import ROOT, host, mean_se, run_preset, write_results
+from presets import host, mean_se, parser, run_preset, write_results
 
 PRESET = "examples/structured-lenet5/params.yaml"
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--mnist", type=Path, required=True, help="folder with the four MNIST IDX .gz files")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--set", dest="extra", action="append", default=[], help="another params override (smoke runs)")
-    ap.add_argument("--workdir", type=Path, default=None)
-    ap.add_argument("--out", type=Path, default=ROOT / "bench/results/prune_lenet5_structured.json")
+    ap = parser(__doc__, "prune_lenet5_structured.json", seeds=[0, 1, 2])
     args = ap.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="structured-lenet5-"))
     h = host()

@@ -16,11 +16,10 @@ bench/results/quantize_lenet.json and prints markdown tables.
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from pathlib import Path
 
-from presets import ROOT, host, run_preset, write_results
+from presets import host, parser, run_preset, write_results
 
 LENET300 = ["prune.enabled=false", "distill.enabled=false", "evaluate.pack=none", "train_teacher.epochs=5",
             "train_teacher.batch_size=128", "evaluate.min_run_time=2.0"]
@@ -32,13 +31,9 @@ METHODS = {
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--mnist", type=Path, required=True, help="folder with the four MNIST IDX .gz files")
+    ap = parser(__doc__, "quantize_lenet.json")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--nets", nargs="+", default=["lenet5", "lenet300"], choices=["lenet5", "lenet300"])
-    ap.add_argument("--set", dest="extra", action="append", default=[], help="another params override (smoke runs)")
-    ap.add_argument("--workdir", type=Path, default=None)
-    ap.add_argument("--out", type=Path, default=ROOT / "bench/results/quantize_lenet.json")
     args = ap.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="quantize-lenet-"))
     common = [f"seed={args.seed}", f"data.path={args.mnist.resolve()}", *args.extra]

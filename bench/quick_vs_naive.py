@@ -17,14 +17,13 @@ Writes bench/results/quick_vs_naive.json and prints a table.
 
 from __future__ import annotations
 
-import argparse
 import lzma
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
-from presets import ROOT, error_pct, host, mean_se, run_preset, write_results
+from presets import error_pct, host, mean_se, parser, run_preset, write_results
 
 from shrinkflow.data import load_splits
 from shrinkflow.loading import load_model
@@ -53,12 +52,7 @@ def naive(model: torch.nn.Module) -> tuple[int, torch.nn.Module]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--mnist", type=Path, required=True, help="folder with the four MNIST IDX .gz files")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--set", dest="extra", action="append", default=[], help="another params override (smoke runs)")
-    ap.add_argument("--workdir", type=Path, default=None)
-    ap.add_argument("--out", type=Path, default=ROOT / "bench/results/quick_vs_naive.json")
+    ap = parser(__doc__, "quick_vs_naive.json", seeds=[0, 1, 2])
     args = ap.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="quick-vs-naive-"))
     h = host()
