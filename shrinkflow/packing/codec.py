@@ -58,6 +58,7 @@ from shrinkflow.errors import InputError
 from shrinkflow.io import atomic_path
 from shrinkflow.packing import container, huffman
 from shrinkflow.packing.container import PackedFormatError, Reader, Writer
+from shrinkflow.quantization._compat import quiet_torch_ao
 
 #: Most distinct values a codebook may hold (8-bit indices before entropy coding).
 MAX_CODEBOOK = 256
@@ -893,7 +894,8 @@ def decode_state(meta: dict[str, Any], payload: memoryview, where: str,
                     raise ValueError(f"tensor {name!r} is shaped {t['shape']}, the architecture needs {list(expected[name][0])}")
             if "int_grid" in t:  # integers of a torch.ao quantized weight: dequantize as torch does
                 ints = _decode_tensor(payload, {**t, "dtype": "float32"}, widths)
-                state[name] = _dequantize(ints, meta["qparams"][t["int_grid"]]).to(_dtype(t["dtype"]))
+                with quiet_torch_ao():  # torch deprecates creating quantized tensors; reading them is what we do
+                    state[name] = _dequantize(ints, meta["qparams"][t["int_grid"]]).to(_dtype(t["dtype"]))
             else:
                 state[name] = _decode_tensor(payload, t, widths)
     except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as exc:

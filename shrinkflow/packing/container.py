@@ -27,8 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from shrinkflow.errors import InputError
+from shrinkflow.io import PACKED_MAGIC as MAGIC
+from shrinkflow.io import model_file_kind
 
-MAGIC = b"\x89SFZ\r\n\x1a\n"
 VERSION = 2
 _FIXED = struct.Struct("<8sHHII")
 #: Bytes of every file that hold no model data: fixed header + CRC.
@@ -55,11 +56,7 @@ class PackedFormatError(InputError):
 
 def is_packed(path: str | Path) -> bool:
     """True when ``path`` starts with the packed format's magic bytes."""
-    try:
-        with open(path, "rb") as f:
-            return f.read(len(MAGIC)) == MAGIC
-    except OSError:
-        return False
+    return model_file_kind(path) == "sfz"
 
 
 def _deflate(data: bytes) -> bytes:
