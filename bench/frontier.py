@@ -3,23 +3,22 @@
     .venv/bin/python bench/frontier.py --mnist PATH/TO/mnist                       # both nets, every config, seeds 0 1 2
     .venv/bin/python bench/frontier.py --mnist PATH/TO/mnist --nets lenet300 --configs vd-auto --seeds 0
 
-Runs the presets ``examples/max-lenet300`` and ``examples/max-lenet5`` through the
-stage entry point every front door calls (``tasks.run.run_stage``, what ``dvc repro``
-and ``shrinkflow run`` execute), once per seed in a fresh project folder, with
-``--set``-style overrides for the other points of the frontier:
+Runs presets through the stage entry point every front door calls
+(``tasks.run.run_stage``, what ``dvc repro`` and ``shrinkflow run`` execute), once
+per seed in a fresh project folder, with ``--set``-style overrides:
 
-- ``dc``: magnitude pruning to Deep Compression's per-layer densities (Han et al.:
-  LeNet-300-100 8/9/26 %, LeNet-5 66/12/8/19 %), iterative with fine-tuning under
-  the teacher's soft targets, then k-means at the paper's widths (6 bits; LeNet-5
-  8-bit conv, 5-bit fc). The schedule is shorter than the paper's retraining.
-- ``dc-auto``: the same pruning, k-means ``bits: auto``.
-- ``vd``: the preset's sparse variational dropout, k-means at the paper's widths.
-- ``vd-auto``: the preset as it is (variational, ``bits: auto``).
+- ``dc``: ``examples/deep-compression-<net>`` as it is (magnitude pruning to the
+  paper's per-layer densities, k-means at the paper's widths);
+- ``dc-auto``: the same with k-means ``bits: auto`` (budget 0.1 pp, as the max presets);
+- ``vd``: ``examples/max-<net>`` with k-means at Deep Compression's widths;
+- ``vd-auto``: ``examples/max-<net>`` as it is (variational, ``bits: auto``).
 
-Every config keeps the preset's dead-unit removal and ``evaluate.pack_precision:
-predictions``. A stage whose params did not change since the previous config in the
-same folder is not run again (the teacher is shared by all configs of a seed, the
-pruned model by ``dc``/``dc-auto`` and by ``vd``/``vd-auto``), as DVC would skip it.
+The max presets share the Deep Compression presets' data and teacher sections, so
+every point of a seed is measured against the same teacher file. Every config keeps
+its preset's dead-unit removal and ``evaluate.pack_precision: predictions``. A stage
+whose params did not change since the previous config in the same folder is not run
+again (the teacher is shared by all configs of a seed, the pruned model by ``dc`` /
+``dc-auto`` and by ``vd`` / ``vd-auto``), as DVC's cache would skip it.
 
 Size is the packed student file (``models/evaluate/student.sfz``), the ratio is the
 teacher's own fp32 ``.pt`` file over it, and errors are measured on the MNIST test
@@ -54,42 +53,32 @@ from shrinkflow.config import load_params  # noqa: E402
 from shrinkflow.measure import cpu_model  # noqa: E402
 from tasks.run import run_stage  # noqa: E402
 
-PRESETS = {"lenet300": ROOT / "examples/max-lenet300/params.yaml", "lenet5": ROOT / "examples/max-lenet5/params.yaml"}
+MAX = {"lenet300": "examples/max-lenet300/params.yaml", "lenet5": "examples/max-lenet5/params.yaml"}
+DC = {"lenet300": "examples/deep-compression-lenet300/params.yaml", "lenet5": "examples/deep-compression-lenet5/params.yaml"}
 TARGETS = {"lenet300": 100.0, "lenet5": 300.0}
-#: Deep Compression's densities (Han et al. 2016, Tables 1–2) and widths, as params overrides.
-DC_PRUNE = {
-    "lenet300": {
-        "method": "magnitude", "scope": "layer", "layers": {"net.1": 0.92, "net.3": 0.91, "net.5": 0.74},
-        "schedule": "iterative", "steps": [0.5, 0.75, 0.9, 1.0], "step_epochs": [3, 3, 3, 8],
-        "finetune": {"batch_size": 64, "optimizer": {"name": "sgd", "lr": 0.01, "momentum": 0.9},
-                     "distill_from_teacher": True},
-    },
-    "lenet5": {
-        "method": "magnitude", "scope": "layer",
-        "layers": {"features.0": 0.34, "features.2": 0.88, "classifier.1": 0.92, "classifier.3": 0.81},
-        "schedule": "iterative", "steps": [0.5, 0.75, 1.0], "step_epochs": [1, 1, 3],
-        "finetune": {"batch_size": 64, "optimizer": {"name": "sgd", "lr": 0.01, "momentum": 0.9},
-                     "distill_from_teacher": True},
-    },
-}
-DC_BITS = {"lenet300": ["quantize.bits=6"], "lenet5": ["quantize.bits=5", 'quantize.layer_bits={"features.*": 8}']}
+#: Deep Compression's widths (6 bits; LeNet-5 8-bit conv, 5-bit fc) and the max presets' budget for bits: auto.
+DC_BITS = {"lenet300": ["quantize.bits=6", "quantize.layer_bits={}"],
+           "lenet5": ["quantize.layer_bits={features.*: 8, classifier.*: 5}"]}
+AUTO = ["quantize.bits=auto", "quantize.layer_bits={}", "quantize.auto_budget=0.001"]
 CONFIGS = ("dc", "dc-auto", "vd", "vd-auto")
 LABELS = {
-    "dc": "magnitude (DC densities) + k-means fixed bits",
-    "dc-auto": "magnitude (DC densities) + k-means bits: auto",
-    "vd": "variational + k-means fixed bits",
-    "vd-auto": "variational + k-means bits: auto (the preset)",
+    "dc": "magnitude: Deep Compression preset",
+    "dc-auto": "magnitude: Deep Compression preset, k-means bits: auto",
+    "vd": "variational, k-means at Deep Compression's widths",
+    "vd-auto": "variational, k-means bits: auto (the max preset)",
 }
 RESULTS = ROOT / "bench/results"
 
 
-def overrides(net: str, config: str) -> list[str]:
-    out = []
-    if config.startswith("dc"):
-        out.append(f"prune={json.dumps(DC_PRUNE[net])}")
-    if not config.endswith("auto"):
-        out += DC_BITS[net]
-    return out
+def preset(net: str, config: str) -> tuple[str, list[str]]:
+    """(the preset, its overrides) of a point of the frontier."""
+    if config == "dc":
+        return DC[net], []
+    if config == "dc-auto":
+        return DC[net], AUTO
+    if config == "vd":
+        return MAX[net], DC_BITS[net]
+    return MAX[net], []
 
 
 def _sections(params, stage: str) -> str:
@@ -120,7 +109,8 @@ def run_seed(net: str, seed: int, configs: list[str], mnist: Path, out: list[dic
         root = Path(tmp)
         done: dict[str, str] = {}
         for config in configs:
-            params = load_params(PRESETS[net], [f"data.path={mnist}", f"seed={seed}", *overrides(net, config)], root=root)
+            file, extra = preset(net, config)
+            params = load_params(ROOT / file, [f"data.path={mnist}", f"seed={seed}", *extra], root=root)
             times: dict[str, dict[str, float]] = {}
             for stage in STAGES:
                 key = _sections(params, stage)
@@ -139,7 +129,9 @@ def run_seed(net: str, seed: int, configs: list[str], mnist: Path, out: list[dic
             quantize = json.loads(paths.manifest("quantize").read_text())
             teacher, student = metrics["teacher"], metrics["student"]
             row = {
-                "net": net, "config": config, "seed": seed, "overrides": overrides(net, config),
+                "net": net, "config": config, "seed": seed, "preset": file, "overrides": extra,
+                "command": f"shrinkflow run --params {file} --set data.path=PATH/TO/mnist --set seed={seed}"
+                + "".join(f" --set '{o}'" for o in extra),
                 "teacher_bytes": teacher["size_bytes"], "teacher_error_pct": 100 * (1 - teacher["accuracy"]),
                 "student_bytes": student["size_bytes"], "ratio": student["compression_ratio"],
                 "error_pct": 100 * (1 - student["accuracy"]),
@@ -237,7 +229,7 @@ def plot_curves(rows: list[dict], path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--mnist", type=Path, required=True, help="Folder with the four MNIST IDX .gz files.")
-    ap.add_argument("--nets", nargs="+", default=list(PRESETS), choices=list(PRESETS))
+    ap.add_argument("--nets", nargs="+", default=list(MAX), choices=list(MAX))
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--out", type=Path, default=RESULTS / "frontier.json")
