@@ -18,7 +18,9 @@ pytestmark = pytest.mark.slow
 #: metrics.json keys of the final model every done trial's row carries.
 METRIC_KEYS = {"accuracy", "agreement", "size_bytes", "params", "nonzero_params", "latency_ms_b1", "compression_ratio", "speedup_b1"}
 TINY = {"evaluate.batch_sizes": [1], "evaluate.min_run_time": 0.01}
-BROKEN_STUDENT = {"arch": "module", "import": "no_such_module:Net"}  # valid params, fails when distill builds it
+# Valid params (the class imports, so `validate` passes) that fail when distill builds the student:
+# nn.Linear needs in_features and out_features.
+BROKEN_STUDENT = {"arch": "module", "import": "torch.nn:Linear"}
 
 
 @pytest.fixture(scope="module")
