@@ -387,3 +387,44 @@ def test_trial_past_its_timeout_is_stopped_and_recorded(tmp_path, proj):
     res = run_trial(spec)  # the whole chain needs far longer than 2 s: DVC and its stage get killed
     assert res.status == "failed" and res.reason.startswith("timeout"), res
     assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------ real trials (DVC), scheduled in-process
+
+
+@pytest.mark.slow
+def test_pruner_stops_a_trial_that_cannot_meet_the_criterion(tmp_path, proj):
+    """Two real trials on digits: 99.5 % sparsity is stopped after prune; 50 % runs to the end."""
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    import optuna
+
+    from flows.ops.trials import run_trial
+
+    f = write_sweep(tmp_path / "s.yaml", {
+        "name": "early", "output": str(tmp_path / "out"), "set": {"evaluate.batch_sizes": [1], "evaluate.min_run_time": 0.01},
+        "space": {"prune.sparsity": [0.5, 0.995]}, "criterion": {"max_drop": 0.03}, "early_stop": {"margin": 0.05},
+        "cluster": {"workers": 1}, "workdir": str(tmp_path),
+    })
+    p = plan(f, proj)
+    with ThreadPoolExecutor(1) as pool:
+        summary = Scheduler(
+            p, lambda spec: pool.submit(run_trial, spec), lambda spec: pool.submit(run_trial, spec),
+            first_done=lambda fs: next(iter(wait(fs, return_when=FIRST_COMPLETED).done)), log=lambda _: None,
+        ).run()
+    rows = {float(r["prune.sparsity"]): r for r in csv.DictReader((p.out / "results.csv").open())}
+    hopeless, sound = rows[0.995], rows[0.5]
+    assert hopeless["status"] == "pruned" and hopeless["reason"].startswith("early stop after prune: validation accuracy drop"), hopeless
+    assert "prune" in hopeless["ran"].split() and not {"distill", "evaluate"} & set(hopeless["ran"].split())
+    assert json.loads(hopeless["val_drops"])["prune"] > 0.08
+    assert sound["status"] == "done" and sound["passed"] == "True"
+    assert set(json.loads(sound["val_drops"])) == {"prune", "quantize", "distill"}
+    assert all(v <= 0.08 for v in json.loads(sound["val_drops"]).values())
+    # Optuna's own record: the trial is PRUNED at the prune stage's step, and the time saved is reported.
+    study = optuna.load_study(study_name="early", storage=p.storage)
+    t = next(t for t in study.trials if t.user_attrs["point"]["prune.sparsity"] == 0.995)
+    assert t.state.name == "PRUNED" and list(t.intermediate_values) == [2]
+    assert summary["pruned"] == 1 and summary["saved_seconds"] > 0 and float(hopeless["saved_seconds"]) > 0
+    assert "Stopped early (1;" in (p.out / "results.md").read_text()
+    assert summary["chosen"]["point"] == {"prune.sparsity": 0.5}
+    assert [x.name for x in tmp_path.iterdir() if x.name.startswith("shrinkflow-trial")] == []  # workspaces removed

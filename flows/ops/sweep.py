@@ -300,8 +300,6 @@ class Scheduler:
             return spent + time.time() - start
 
         def finish(trial: Any, res: TrialResult) -> None:
-            if res.status == "pruned":
-                res = res.model_copy(update={"saved_seconds": saved_seconds(res, results)})
             tell(study, trial, res, s, p.objectives)
             results.append(res)
             key = point_key(res.point)
@@ -410,6 +408,8 @@ def write_results(
     """
     out, s = plan.out, plan.sweep
     out.mkdir(parents=True, exist_ok=True)
+    # Re-estimated each time from every finished trial so far (the first pruned trial may predate them).
+    results = [r.model_copy(update={"saved_seconds": saved_seconds(r, results)}) if r.status == "pruned" else r for r in results]
     rows = table_rows(results, s)
     objectives = pareto_objectives([r for r in rows if r["status"] == "done"], s)
     front = pareto_front(rows, objectives)
