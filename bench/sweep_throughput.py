@@ -77,9 +77,8 @@ def fresh_project(dest: Path, overrides: list[str]) -> Path:
 @contextmanager
 def dask_cluster(workers: int, tmp: Path) -> Iterator[str]:
     """``dask scheduler`` + ``workers`` single-threaded ``dask worker`` processes on 127.0.0.1; its address."""
-    from distributed import Client
-
     from flows.ops import serve
+    from flows.ops.sweep import wait_for_workers
 
     port = serve.free_port()
     address = f"tcp://127.0.0.1:{port}"
@@ -91,17 +90,7 @@ def dask_cluster(workers: int, tmp: Path) -> Iterator[str]:
         for i in range(workers):
             procs.append(serve._spawn([dask, "worker", address, "--nthreads", "1", "--host", "127.0.0.1", "--no-dashboard"],
                                       dict(os.environ), logs / f"worker{i}.log"))
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with Client(address, timeout=5) as c:
-                    if len(c.scheduler_info()["workers"]) >= workers:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"dask workers did not start; logs in {logs}")
-            time.sleep(1)
+        wait_for_workers(address, workers)
         yield address
     finally:
         for p in reversed(procs):

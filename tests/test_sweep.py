@@ -16,7 +16,7 @@ from schemas.sweep import Range, TrialResult
 from shrinkflow.config import load_params
 from shrinkflow.errors import InputError, ParamsError
 from shrinkflow.report import quality_drop
-from shrinkflow.search import choose, decode_choice, encode_choices, grid_points, pareto_front, space_values
+from shrinkflow.search import decode_choice, encode_choices, grid_points, pareto_front, space_values
 
 
 def write_sweep(path: Path, data: dict) -> Path:

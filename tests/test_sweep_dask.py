@@ -23,6 +23,7 @@ import yaml
 from conftest import BIN, FAST, make_project, project_env, set_params, sh
 
 from flows.ops import serve
+from flows.ops.sweep import wait_for_workers
 from shrinkflow.config import load_params
 
 pytestmark = pytest.mark.slow
@@ -161,28 +162,13 @@ def cluster(tmp_path_factory) -> Iterator[dict]:
         for i in range(2):
             procs.append(serve._spawn([str(BIN / "dask"), "worker", address, "--nthreads", "1", "--host", "127.0.0.1",
                                        "--no-dashboard", "--name", f"w{i}"], env, home / "logs" / f"worker{i}.log", cwd=home))
-        _wait_workers(address, 2, home / "logs")
+        wait_for_workers(address, 2)
         yield {"address": address, "env": env, "pids": [p.pid for p in procs]}
     finally:
         for p in reversed(procs):
             serve.stop(p, grace=10)
         stack.close()
     assert not [p.pid for p in procs if p.poll() is None]
-
-
-def _wait_workers(address: str, n: int, logs: Path, timeout: float = 120) -> None:
-    from distributed import Client
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with Client(address, timeout=5) as c:
-                if len(c.scheduler_info()["workers"]) >= n:
-                    return
-        except OSError:
-            pass
-        time.sleep(1)
-    raise AssertionError("dask workers did not register:\n" + "\n".join(p.read_text()[-1500:] for p in logs.glob("*.log")))
 
 
 def test_auto_sweep_on_an_external_dask_cluster(proj, tmp_path, cluster):

@@ -24,7 +24,7 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 from optuna.trial import FrozenTrial, TrialState
 
 from schemas.paths import STAGES
-from schemas.sweep import AutoSearch, GridSearch, Range, RandomSearch, StudyRef, Sweep, TrialResult
+from schemas.sweep import AutoSearch, GridSearch, RandomSearch, Range, StudyRef, Sweep, TrialResult
 from shrinkflow.errors import InputError
 from shrinkflow.search import assess, decode_choice, encode_choices, objective_column, space_values
 

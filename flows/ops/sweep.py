@@ -29,7 +29,6 @@ from pydantic import ValidationError
 
 from flows.ops.dvcrepo import open_repo
 from flows.ops.study import (
-    RESULT,
     check_study,
     distributions,
     objective_names,
@@ -216,6 +215,23 @@ def _scheduler_threads(address: str) -> int:
             return max(1, sum(client.nthreads().values()))
     except OSError as exc:
         raise InputError(f"cluster.address {address!r}: cannot reach the Dask scheduler ({exc})") from None
+
+
+def wait_for_workers(address: str, n: int, timeout: float = 120.0) -> None:
+    """Block until the Dask scheduler at ``address`` has ``n`` workers; InputError after ``timeout`` s."""
+    from distributed import Client
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with Client(address, timeout=5) as client:
+                if len(client.scheduler_info()["workers"]) >= n:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise InputError(f"cluster.address {address!r}: fewer than {n} Dask workers after {timeout:g} s")
+        time.sleep(1)
 
 
 @contextlib.contextmanager
@@ -487,4 +503,3 @@ def _shown(path: Path, root: Path) -> str:
     return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
 
 
-__all__ = ["RESULT", "Plan", "Scheduler", "load_sweep", "preflight", "plan", "sweep_lock", "write_results"]
