@@ -160,9 +160,11 @@ def _run(
             proc.wait(timeout=POLL_SECONDS)
         except subprocess.TimeoutExpired:
             pass
+        exited = proc.poll() is not None
         if poll is not None:
             why = poll()
-        if proc.poll() is not None:
+        if exited:  # it finished on its own: its outcome stands, whatever the last look said
+            why = None
             break
         if why is not None or (end is not None and time.monotonic() >= end):
             why = why or "timeout"
