@@ -108,7 +108,13 @@ def run_sweep(base: Path, tmp: Path, name: str, sweep: dict, workers: int, src: 
     return out
 
 
-def quality(args, base: Path, tmp: Path) -> dict:
+def save(args, host: dict, results: dict) -> None:
+    """Write what is measured so far (a long bench interrupted keeps its finished sweeps)."""
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"host": host, **results}, indent=2) + "\n")
+
+
+def quality(args, base: Path, tmp: Path, keep) -> dict:
     budget = {"trials": args.trials, "seconds": args.seconds}
     common = {"set": FIXED, "space": SPACE, "criterion": CRITERION, "objective": "size", "budget": budget}
     runs = []
@@ -123,22 +129,25 @@ def quality(args, base: Path, tmp: Path) -> dict:
             print(f"quality: {method} seed {seed} ...", flush=True)
             r = run_sweep(base, tmp, f"{method}-s{seed}", {**common, **search}, args.workers, src)
             runs.append({"method": method, "seed": seed, **r})
+            keep({"runs": runs})
             print(f"  chosen {r['chosen_size_bytes']} bytes ({r['chosen_point']}), {r['passed']}/{r['trials']} passed, "
                   f"{r['sweep_seconds']:.0f} s", flush=True)
     oracle = None
     if args.oracle:
         print("quality: oracle grid over the whole space ...", flush=True)
         oracle = run_sweep(base, tmp, "oracle-grid", {**common, "budget": {}, "search": {"mode": "grid"}}, args.workers)
+    keep({"runs": runs, "oracle": oracle})
     return {"runs": runs, "oracle": oracle}
 
 
-def early(args, base: Path, tmp: Path) -> dict:
+def early(args, base: Path, tmp: Path, keep) -> dict:
     common = {"set": FIXED, "space": EARLY_SPACE, "criterion": CRITERION, "objective": "size", "search": {"mode": "grid"}}
     out = {}
     for on in (True, False):
         name = f"early-{'on' if on else 'off'}"
         print(f"early: {name} ...", flush=True)
         out[name] = run_sweep(base, tmp, name, {**common, "early_stop": {"enabled": on, "margin": 0.05}}, workers=1)
+        keep(out)
     return out
 
 
@@ -160,22 +169,29 @@ def main() -> None:
     os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
     overrides = ["data.source=mnist", f"data.path={json.dumps(str(args.mnist.resolve()))}", f"data.train_limit={args.train_limit}",
                  "train_teacher.epochs=5", "train_teacher.model.hidden=[300, 100]", "prune.finetune.epochs=2", "distill.epochs=2"]
-    results: dict = {}
-    with tempfile.TemporaryDirectory(prefix="sweep-search-") as t:
-        tmp = Path(t)
-        print("training the shared teacher ...", flush=True)
-        base = base_project(tmp, overrides)
-        if args.part in ("quality", "both"):
-            results["quality"] = quality(args, base, tmp)
-        if args.part in ("early", "both"):
-            results["early"] = early(args, base, tmp)
     import torch
 
     host = {"cpu": cpu_model(), "cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
             "overrides": [o if not o.startswith("data.path=") else "data.path=MNIST_DIR" for o in overrides],
-            "space": SPACE, "criterion": CRITERION, "trials": args.trials, "seconds": args.seconds, "workers": args.workers}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"host": host, **results}, indent=2) + "\n")
+            "space": SPACE, "early_space": EARLY_SPACE, "criterion": CRITERION, "trials": args.trials,
+            "seconds": args.seconds, "workers": args.workers}
+    results: dict = {}
+
+    def keeper(part: str):
+        def keep(value: dict) -> None:
+            results[part] = value
+            save(args, host, results)
+        return keep
+
+    with tempfile.TemporaryDirectory(prefix="sweep-search-") as t:
+        tmp = Path(t)
+        print("training the shared teacher ...", flush=True)
+        base = base_project(tmp, overrides)
+        if args.part in ("early", "both"):
+            results["early"] = early(args, base, tmp, keeper("early"))
+        if args.part in ("quality", "both"):
+            results["quality"] = quality(args, base, tmp, keeper("quality"))
+    save(args, host, results)
     print(f"\nHost: {host['cpu']}, {host['cpus']} CPUs, torch {host['torch']}")
     if "quality" in results:
         q = results["quality"]

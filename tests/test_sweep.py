@@ -271,6 +271,12 @@ def test_resume_reruns_only_the_interrupted_trial(tmp_path, proj):
     assert second[0] == interrupted  # the interrupted point first...
     assert sorted(c["prune.sparsity"] for c in first[:2] + second) == [0.5, 0.8, 0.9, 0.98]  # ...and no finished one again
     assert summary["done"] == 4 and summary["interrupted"] == 1 and summary["chosen"]["point"]["prune.sparsity"] == 0.9
+    # A sweep still running holds its results folder: a second one (or a --resume) is refused at once.
+    from flows.ops.sweep import preflight, sweep_lock
+
+    with sweep_lock(p.out), pytest.raises(InputError, match=r"in use by a running sweep \(pid \d+\)"):
+        preflight(p, resume=True)
+    preflight(p, resume=True)  # released with its holder
     # Resuming with another search is refused, naming what changed.
     g = write_sweep(tmp_path / "s2.yaml", {"name": "res", "output": str(tmp_path / "out"), "criterion": {"max_drop": 0.02},
                                           "space": {"prune.sparsity": [0.5, 0.6]}, "cluster": {"workers": 1}})
