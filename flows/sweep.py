@@ -95,10 +95,12 @@ def run_sweep(
     """Validate, then run the sweep flow on a Dask cluster built from the sweep's ``cluster`` section.
 
     ``checked``: the plan of these very arguments when the caller has validated them
-    already (the flow itself plans again: it is also an entry point of its own).
+    already, preflight included (the flow itself plans again: it is also an entry point of its own).
     """
-    p = checked or plan(sweep_file, root, address=address, workers=workers)  # bad input fails before Prefect starts
-    preflight(p, resume)  # so does a study that exists without --resume, or a sweep already running there
+    p = checked
+    if p is None:  # bad input fails before Prefect starts; so does a study that exists without --resume
+        p = plan(sweep_file, root, address=address, workers=workers)
+        preflight(p, resume)
     runner = task_runner(p.sweep.cluster.address, p.sweep.cluster.workers)
     with _shared_ephemeral_api():
         return sweep.with_options(task_runner=runner)(

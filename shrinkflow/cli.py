@@ -192,10 +192,11 @@ def sweep(
     if file is None:
         typer.echo("error: give a sweep file, e.g. shrinkflow sweep examples/sweep.yaml", err=True)
         raise typer.Exit(2)
-    from flows.ops.sweep import plan
+    from flows.ops.sweep import plan, preflight
 
-    try:  # reject a bad sweep before paying for Prefect and Dask start-up
+    try:  # reject a bad sweep, or a study that cannot be opened as asked, before paying for Prefect and Dask start-up
         p = plan(file, root, address=address, workers=workers)
+        preflight(p, resume)
     except ShrinkflowError as exc:
         _fail(exc)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
