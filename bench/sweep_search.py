@@ -73,12 +73,13 @@ def run_sweep(base: Path, tmp: Path, name: str, sweep: dict, workers: int, src: 
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump({"name": name, **sweep}, sort_keys=False))
     env = dict(os.environ, PREFECT_HOME=str(tmp / "prefect"), PREFECT_LOGGING_LEVEL="WARNING")
-    if src is not None:
-        env["PYTHONPATH"] = str(src)
+    env["PYTHONPATH"] = str(src or ROOT)
     cmd = [sys.executable, "-m", "shrinkflow.cli", "sweep", str(path), "--root", str(proj), "--workers", str(workers)]
     load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=proj, env=env, capture_output=True, text=True)
+    # Run from the code's own folder: `python -m` puts the working directory first on sys.path,
+    # and the project copy holds this checkout's code, which would shadow the baseline's.
+    proc = subprocess.run(cmd, cwd=src or ROOT, env=env, capture_output=True, text=True)
     total = time.perf_counter() - t0
     summary_file = proj / "sweeps" / name / "summary.json"
     if not summary_file.is_file():
@@ -126,6 +127,8 @@ def quality(args, base: Path, tmp: Path, keep) -> dict:
         if args.baseline_src:
             configs.insert(1, ("old-auto", {"search": {"mode": "auto", "seed": seed}}, args.baseline_src))
         for method, search, src in configs:
+            if args.methods and method not in args.methods:
+                continue
             print(f"quality: {method} seed {seed} ...", flush=True)
             r = run_sweep(base, tmp, f"{method}-s{seed}", {**common, **search}, args.workers, src)
             runs.append({"method": method, "seed": seed, **r})
@@ -162,6 +165,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2, help="Dask workers of the quality sweeps.")
     ap.add_argument("--oracle", action="store_true", help="Also run the whole space as a grid.")
     ap.add_argument("--part", choices=["quality", "early", "both"], default="both")
+    ap.add_argument("--methods", nargs="+", choices=["optuna-auto", "old-auto", "random"], help="Quality: only these searches.")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "sweep_search.json")
     args = ap.parse_args()
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
