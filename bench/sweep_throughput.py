@@ -1,10 +1,13 @@
-"""Sweep throughput on Dask: 2 workers vs serial, and what reusing the teacher saves.
+"""Sweep throughput on Dask: 2 external workers vs serial, and what reusing the teacher saves.
 
-    .venv/bin/python bench/sweep_throughput.py [--trials 4] [--mnist ../shared/data/mnist --train-limit 10000]
+    .venv/bin/python bench/sweep_throughput.py [--trials 4] [--mnist PATH --train-limit 10000] [--local]
 
 Each configuration runs the same grid sweep (``prune.sparsity`` × N values, all sharing
 one teacher) through ``shrinkflow sweep``'s flow, in a fresh copy of this project (fresh
-git + DVC repo and cache, so nothing is reused across configurations):
+git + DVC repo and cache, so nothing is reused across configurations), against an
+external cluster: ``dask scheduler`` and ``dask worker`` processes on 127.0.0.1 started
+for that configuration (``--local``: a LocalCluster instead), their task runs reported to
+one ``prefect server`` started for the bench:
 
 - ``serial``: 1 Dask worker, each trial's stages use every core (OMP threads = CPUs);
 - ``parallel``: 2 Dask workers, each trial's stages use CPUs / 2 threads;
@@ -23,6 +26,7 @@ Writes bench/results/sweep_throughput.json and prints a markdown table.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -31,6 +35,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -38,7 +44,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from flows.ops.sweep import project_files  # noqa: E402
+from flows.ops.trials import project_files  # noqa: E402
 from shrinkflow.measure import cpu_model  # noqa: E402
 
 SPARSITIES = [0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99]
@@ -68,7 +74,32 @@ def fresh_project(dest: Path, overrides: list[str]) -> Path:
     return dest
 
 
-def run_config(name: str, workers: int, threads: int, reuse: bool, trials: int, overrides: list[str], tmp: Path) -> dict:
+@contextmanager
+def dask_cluster(workers: int, tmp: Path) -> Iterator[str]:
+    """``dask scheduler`` + ``workers`` single-threaded ``dask worker`` processes on 127.0.0.1; its address."""
+    from flows.ops import serve
+    from flows.ops.sweep import wait_for_workers
+
+    port = serve.free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    logs = tmp / f"dask-{port}"
+    dask = str(Path(sys.executable).parent / "dask")
+    procs = [serve._spawn([dask, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"], dict(os.environ),
+                          logs / "scheduler.log")]
+    try:
+        for i in range(workers):
+            procs.append(serve._spawn([dask, "worker", address, "--nthreads", "1", "--host", "127.0.0.1", "--no-dashboard"],
+                                      dict(os.environ), logs / f"worker{i}.log"))
+        wait_for_workers(address, workers)
+        yield address
+    finally:
+        for p in reversed(procs):
+            serve.stop(p, grace=10)
+
+
+def run_config(
+    name: str, workers: int, threads: int, reuse: bool, trials: int, overrides: list[str], tmp: Path, local: bool = False
+) -> dict:
     from flows.sweep import run_sweep
 
     proj = fresh_project(tmp / name, overrides)
@@ -83,9 +114,10 @@ def run_config(name: str, workers: int, threads: int, reuse: bool, trials: int, 
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(sweep, sort_keys=False))
     load0 = os.getloadavg()[0]
-    t0 = time.perf_counter()
-    summary = run_sweep(path, proj)
-    total = time.perf_counter() - t0
+    with contextlib.nullcontext(None) if local else dask_cluster(workers, tmp) as address:
+        t0 = time.perf_counter()
+        summary = run_sweep(path, proj, address=address)
+        total = time.perf_counter() - t0
     rows = json.loads((proj / "sweeps" / name / "summary.json").read_text())
     import csv
 
@@ -94,6 +126,7 @@ def run_config(name: str, workers: int, threads: int, reuse: bool, trials: int, 
     return {
         "config": name,
         "workers": workers,
+        "cluster": "LocalCluster" if local else "external (dask scheduler + dask worker processes)",
         "threads_per_trial": threads,
         "reuse_teacher": reuse,
         "trials": summary["trials"],
@@ -116,6 +149,7 @@ def main() -> None:
     ap.add_argument("--mnist", type=Path, default=None, help="MNIST folder (four IDX .gz files); default: digits.")
     ap.add_argument("--train-limit", type=int, default=10000, help="MNIST training images used (with --mnist).")
     ap.add_argument("--configs", nargs="+", default=["serial", "parallel", "parallel_no_reuse"])
+    ap.add_argument("--local", action="store_true", help="A LocalCluster per configuration instead of external workers.")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "sweep_throughput.json")
     args = ap.parse_args()
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -133,12 +167,18 @@ def main() -> None:
         "parallel_no_reuse": (2, max(1, cpus // 2), False),
     }
     results = []
-    with tempfile.TemporaryDirectory(prefix="sweep-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="sweep-bench-") as tmp, contextlib.ExitStack() as stack:
         os.environ.setdefault("PREFECT_HOME", str(Path(tmp) / "prefect"))
+        if not args.local:  # external workers report their task runs to a server they can reach
+            from flows.ops import serve
+
+            server = serve.start_server(Path(tmp) / "prefect", logs=Path(tmp) / "logs")
+            stack.callback(server.close)
+            os.environ["PREFECT_API_URL"] = server.api_url
         for name in args.configs:
             w, th, reuse = plan[name]
             print(f"running {name} ({w} worker(s), {th} thread(s) per trial, reuse_teacher={reuse}) ...", flush=True)
-            results.append(run_config(name, w, th, reuse, args.trials, overrides, Path(tmp)))
+            results.append(run_config(name, w, th, reuse, args.trials, overrides, Path(tmp), args.local))
     by = {r["config"]: r for r in results}
     figures = {}
     if "serial" in by and "parallel" in by:
@@ -154,6 +194,7 @@ def main() -> None:
     host = {
         "cpu": cpu_model(), "cpus": cpus, "torch": torch.__version__, "python": platform.python_version(),
         "data": "mnist" if args.mnist else "digits",
+        "cluster": "LocalCluster" if args.local else "external",
         # the MNIST folder is a local path: recorded as MNIST_DIR
         "overrides": [o if not o.startswith("data.path=") else "data.path=MNIST_DIR" for o in overrides],
     }

@@ -224,11 +224,15 @@ def sweep(
     root: Annotated[Path, typer.Option(help="Project root (git + DVC repo).")] = Path("."),
     address: Annotated[str | None, typer.Option(help="Dask scheduler address (overrides cluster.address).")] = None,
     workers: Annotated[int | None, typer.Option(min=1, help="LocalCluster workers (overrides cluster.workers).")] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the sweep's Optuna study: finished trials are kept, unfinished ones rerun.")
+    ] = False,
     schema_: Annotated[bool, typer.Option("--schema", help="Print the sweep file's JSON Schema and exit.")] = False,
 ) -> None:
-    """Run many configs as isolated trials on Dask; write results, the Pareto frontier and the chosen params.
+    """Search configs with Optuna, each trial an isolated run on Dask; write results, the Pareto frontier and the chosen params.
 
-    Exit 0 when a trial met the criterion (its params are in <output>/best-params.yaml), 1 when none did.
+    Exit 0 when a trial met the criterion (its params are in <output>/best-params.yaml), 1 when none did,
+    2 for a bad sweep file or a study that exists (use --resume).
     """
     if schema_:
         from schemas.sweep import Sweep
@@ -238,10 +242,11 @@ def sweep(
     if file is None:
         typer.echo("error: give a sweep file, e.g. shrinkflow sweep examples/sweep.yaml", err=True)
         raise typer.Exit(2)
-    from flows.ops.sweep import plan
+    from flows.ops.sweep import plan, preflight
 
-    try:  # reject a bad sweep before paying for Prefect and Dask start-up
+    try:  # reject a bad sweep, or a study that cannot be opened as asked, before paying for Prefect and Dask start-up
         p = plan(file, root, address=address, workers=workers)
+        preflight(p, resume)
     except ShrinkflowError as exc:
         _fail(exc)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -249,11 +254,12 @@ def sweep(
     from flows.sweep import run_sweep
 
     try:
-        summary = run_sweep(file, root, address=address, workers=workers, checked=p)
+        summary = run_sweep(file, root, address=address, workers=workers, resume=resume, checked=p)
     except ShrinkflowError as exc:
         _fail(exc)
     typer.echo((p.out / "results.md").read_text())
-    typer.echo(f"results: {p.out} (results.csv, results.md, pareto.png, pareto.json)")
+    typer.echo(f"results: {p.out} (results.csv, results.md, pareto.png, importances.png, pareto.json)")
+    typer.echo(f"study: {summary['study']['storage']} (browse: {summary['study']['dashboard']})")
     if summary["chosen"] is None:
         raise typer.Exit(1)
     typer.echo(f"chosen: trial {summary['chosen']['trial']} → {summary['best_params']}")
