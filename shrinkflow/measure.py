@@ -136,9 +136,28 @@ def runtime_for(models: Mapping[str, nn.Module], runtime: str) -> str:
 
 def compiled(model: nn.Module) -> Callable[[torch.Tensor], Any]:
     """``model`` compiled as it is deployed: ``torch.compile`` (inductor) with frozen weights and static
-    shapes (the quantized convolutions fail to compile with dynamic ones), so each batch size compiles
-    on its first call."""
-    return torch.compile(model.eval(), dynamic=False, options={"freezing": True})
+    shapes (the quantized convolutions fail to compile with dynamic ones), so each input shape
+    compiles on its first call.
+
+    Freezing is switched on around compilation only (each new shape's first call):
+    ``torch.compile(options={"freezing": True})`` does not reach the pass that prepacks
+    oneDNN int8 weights (it fails on ``onednn.qconv_prepack``), the config patch does.
+    """
+    import torch._inductor.config as inductor
+
+    fn = torch.compile(model.eval(), dynamic=False)
+    seen: set[tuple[int, ...]] = set()
+
+    def run(x: torch.Tensor) -> Any:
+        shape = tuple(x.shape)
+        if shape in seen:
+            return fn(x)
+        with inductor.patch(freezing=True):
+            out = fn(x)
+        seen.add(shape)
+        return out
+
+    return run
 
 
 def cpu_model() -> str:

@@ -346,3 +346,28 @@ def test_torch_ao_deprecation_warnings_are_filtered_at_our_call_sites(mlp, digit
             _quantize(model, header, params, digits, tmp_path, params.method)
     ours = [w for w in seen if "torch.ao.quantization is deprecated" in str(w.message) or "observer" in str(w.message)]
     assert not ours, [str(w.message)[:80] for w in ours]
+
+
+def test_files_of_the_fx_static_path_still_load_and_pack(mlp, digits, tmp_path):
+    """A static file as shrinkflow 0.1 wrote it (FX graph mode, no "graph" in its entry) loads, packs and reloads."""
+    from shrinkflow.quantization import static_fx
+
+    model, header = mlp
+    X, _ = digits.tensors("train")
+    with static_fx.quiet_torch_ao():
+        prepared = static_fx.prepare(copy.deepcopy(model), (X[:2],), static_fx.qconfig())
+        static_fx.calibrate(prepared, X, 3, 64)
+        qmodel = static_fx.convert(prepared)
+    entry = {"bits": 8, "per_channel": True, "activations": static_fx.activation_qparams(qmodel)}
+    h = header.with_transform("static-int8", **entry)  # 0.1's transform name
+    path = tmp_path / "fx.pt"
+    save_model(qmodel, path, h)
+    loaded, lh = load_model(path)
+    Xt, _ = digits.tensors("test")
+    assert lh.transforms[-1]["kind"] == "static" and "graph" not in lh.transforms[-1]
+    assert torch.equal(predict(loaded, Xt), predict(qmodel, Xt))
+    from shrinkflow.loading import pack_file
+
+    pack_file(path, tmp_path / "fx.sfz")
+    packed, _ = load_model(tmp_path / "fx.sfz")
+    assert torch.equal(predict(packed, Xt), predict(qmodel, Xt))
