@@ -1,20 +1,28 @@
-"""Quantization on MNIST: LeNet-5 static int8 vs fp32, and LeNet-300-100 dynamic vs static vs kmeans-4bit.
+"""Static int8 on LeNet-5 in the runtimes a user deploys, alone and after 50 % structured pruning.
 
-    .venv/bin/python bench/quantize_lenet.py --mnist ../shared/data/mnist [--lenet5-epochs 2 --mlp-epochs 5]
+    .venv/bin/python bench/quantize_lenet.py --mnist ../shared/data/mnist [--lenet5-epochs 2] [--parts lenet5 lenet300]
 
-1. LeNet-5 (Caffe variant): train an fp32 teacher, quantize it with ``static``
-   (FX int8, histogram observer, per-channel weights), and report, each from its
-   file on disk: size ratio, test accuracy drop, and latency at batch 1 and 256
-   (eager PyTorch for both, ``shrinkflow.measure.latencies_ms``: fixed threads,
-   warm-up, variants interleaved, median).
-2. LeNet-300-100: train an fp32 teacher; ``dynamic``, ``static`` and ``kmeans``
-   (4-bit, 1 epoch of centroid fine-tuning): size and test accuracy of each file.
+1. LeNet-5 (Caffe variant): train an fp32 teacher, then through the methods' own
+   entry points (what the stages call): ``static`` int8 (torch.export + pt2e,
+   histogram observer, per-channel weights), and ``structured`` 50 % (one fine-tune
+   epoch with the teacher's soft targets) followed by ``static``. Each variant is
+   loaded back from its file; size and test accuracy come from that file. Latency
+   at batch 1 and 256, teacher and variants interleaved in the same runtime
+   (``shrinkflow.measure.latencies_ms``: fixed threads, warm-up, median):
 
-Epochs are fixed in advance (no choice by the test split); the defaults are
-smaller than a full training run to fit a shared 2-core CPU: accuracy is then
-below the published LeNet figures, but fp32 and quantized variants come from the
-same teacher, so the *drops* are what to read. Writes
-bench/results/quantize_lenet.json and prints markdown tables.
+   - ``compile``: ``torch.compile`` with frozen weights (``measure.compiled``), what
+     ``evaluate.runtime: auto`` uses for static int8: the reported runtime;
+   - ``onnxruntime``: the ONNX export (fp32 graph / int8 QDQ graph), CPU provider;
+   - ``eager``: plain PyTorch, where the pt2e int8 graph runs reference kernels
+     (shown to say why it is not the reported runtime).
+
+   Speedups are within one runtime; the change of runtime (compiled vs eager fp32)
+   is its own row.
+2. LeNet-300-100: ``dynamic``, ``static`` and ``kmeans`` (4-bit, one epoch of centroid
+   fine-tuning): size and test accuracy of each file.
+
+Epochs are fixed in advance; the defaults are shorter than a full training run to fit
+a shared 2-core CPU. Writes bench/results/quantize_lenet.json and prints markdown tables.
 """
 
 from __future__ import annotations
@@ -35,19 +43,25 @@ sys.path.insert(0, str(ROOT))
 
 from schemas.common import Finetune, Optimizer  # noqa: E402
 from schemas.data import MnistData  # noqa: E402
+from schemas.prune import StructuredPrune  # noqa: E402
 from schemas.quantize import DynamicQuant, KMeansQuant, StaticQuant  # noqa: E402
-from shrinkflow.artifacts import ModelHeader, load_model, save_model  # noqa: E402
+from shrinkflow.artifacts import ModelHeader, save_model  # noqa: E402
 from shrinkflow.data import prepare  # noqa: E402
-from shrinkflow.measure import (
-    cpu_model,  # noqa: E402
-    latencies_ms,  # noqa: E402
-)
-from shrinkflow.quantization import QUANTIZERS, QuantEnv  # noqa: E402
+from shrinkflow.export import export_onnx, onnx_session  # noqa: E402
+from shrinkflow.loading import load_model  # noqa: E402
+from shrinkflow.measure import compiled, cpu_model, latencies_ms  # noqa: E402
+from shrinkflow.methods import Env  # noqa: E402
+from shrinkflow.pruning import PRUNERS  # noqa: E402
+from shrinkflow.quantization import QUANTIZERS  # noqa: E402
 from shrinkflow.training import fit, predict, seed_everything  # noqa: E402
 
+BATCHES = [1, 256]
 
-def accuracy_pct(model: torch.nn.Module, X: torch.Tensor, y: torch.Tensor) -> float:
-    return 100.0 * float((predict(model, X).argmax(1) == y).float().mean())
+
+def accuracy_pct(run, X: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        out = torch.cat([run(X[i : i + 1000]) for i in range(0, len(X), 1000)])
+    return 100.0 * float((out.argmax(1) == y).float().mean())
 
 
 def teacher(spec: dict, splits, epochs: int, lr: float, seed: int, out: Path, name: str) -> tuple[Path, float]:
@@ -62,21 +76,87 @@ def teacher(spec: dict, splits, epochs: int, lr: float, seed: int, out: Path, na
     return path, time.time() - t0
 
 
-def quantize_file(src: Path, params, splits, seed: int, dst: Path) -> tuple[Path, float]:
+def apply(method_table, src: Path, params, env: Env, dst: Path) -> tuple[Path, float]:
+    """One method's entry point on the model in ``src``; the result saved to ``dst``."""
     model, header = load_model(src)
-    env = QuantEnv(splits=splits, header=header, seed=seed)
     t0 = time.time()
-    qmodel, entry = QUANTIZERS[params.method](model, params, env)
-    save_model(qmodel, dst, header.with_transform(entry.pop("kind"), **entry))
+    out, h = method_table[params.method](model, header, params, env)
+    save_model(out, dst, h)
     return dst, time.time() - t0
+
+
+def ort_runner(path: Path, threads: int):
+    sess = onnx_session(path, threads)
+    name = sess.get_inputs()[0].name
+    return lambda x: torch.from_numpy(sess.run(None, {name: x.numpy()})[0])
+
+
+def lenet5(args, splits, out: Path) -> dict:
+    X, y = splits.tensors("test")
+    fp32_path, secs = teacher({"arch": "lenet5"}, splits, args.lenet5_epochs, 0.02, args.seed, out, "lenet5")
+    t_model, _ = load_model(fp32_path)
+    env = Env(splits=splits, seed=args.seed, teacher=t_model)
+    static = StaticQuant(calibration_batches=20, calibration_batch_size=128)
+    ft = Finetune(epochs=1, batch_size=128, optimizer=Optimizer(lr=0.01), distill_from_teacher=True)
+    files = {"fp32": fp32_path}
+    timing = {}
+    files["static-int8"], timing["static-int8"] = apply(QUANTIZERS, fp32_path, static, env, out / "lenet5-static.pt")
+    pruned, timing["structured-50"] = apply(PRUNERS, fp32_path, StructuredPrune(method="structured", sparsity=0.5, finetune=ft), env,
+                                            out / "lenet5-structured.pt")
+    files["structured-50"] = pruned
+    files["structured-50+static-int8"], timing["structured-50+static-int8"] = apply(QUANTIZERS, pruned, static, env,
+                                                                                   out / "lenet5-structured-static.pt")
+    models = {k: load_model(p)[0] for k, p in files.items()}
+    onnx = {}
+    for k, m in models.items():
+        _, h = load_model(files[k])
+        onnx[k] = export_onnx(m, h, out / f"{k}.onnx")
+    runtimes = {
+        "compile": {k: compiled(m) for k, m in models.items()},
+        "onnxruntime": {k: ort_runner(Path(onnx[k]["path"]), args.threads) for k in models},
+        "eager": dict(models),
+    }
+    rows = {k: {"size_bytes": os.path.getsize(p), "accuracy_pct": accuracy_pct(models[k], X, y),
+                "accuracy_onnx_pct": accuracy_pct(runtimes["onnxruntime"][k], X, y), "onnx": onnx[k]["exported_as"],
+                "method_seconds": timing.get(k)} for k, p in files.items()}
+    lat = {}
+    for rt, runners in runtimes.items():
+        print(f"timing {rt} ...", flush=True)
+        lat[rt] = latencies_ms(runners, X, BATCHES, threads=args.threads, min_run_time=args.min_run_time)
+    speedup = {rt: {k: {b: lat[rt]["fp32"][b] / lat[rt][k][b] for b in BATCHES} for k in models} for rt in lat}
+    return {"teacher_epochs": args.lenet5_epochs, "teacher_seconds": secs, "static": static.model_dump(mode="json"),
+            "variants": rows, "latency_ms": lat, "speedup_vs_fp32_same_runtime": speedup,
+            "runtime_change_fp32": {rt: {b: lat["eager"]["fp32"][b] / lat[rt]["fp32"][b] for b in BATCHES} for rt in lat}}
+
+
+def lenet300(args, splits, out: Path) -> dict:
+    X, y = splits.tensors("test")
+    fp32_path, secs = teacher({"arch": "mlp", "hidden": [300, 100]}, splits, args.mlp_epochs, 0.05, args.seed, out, "lenet300")
+    env = Env(splits=splits, seed=args.seed)
+    methods = {
+        "dynamic": DynamicQuant(),
+        "static": StaticQuant(calibration_batches=20, calibration_batch_size=128),
+        "kmeans-4bit": KMeansQuant(bits=4, finetune=Finetune(epochs=1, batch_size=128, optimizer=Optimizer(lr=0.01))),
+    }
+    files = {"fp32": fp32_path}
+    for name, params in methods.items():
+        files[name], _ = apply(QUANTIZERS, fp32_path, params, env, out / f"lenet300-{name}.pt")
+    base = accuracy_pct(load_model(fp32_path)[0], X, y)
+    table = {}
+    for name, path in files.items():
+        acc = accuracy_pct(load_model(path)[0], X, y)
+        table[name] = {"size_bytes": os.path.getsize(path), "ratio": os.path.getsize(fp32_path) / os.path.getsize(path),
+                       "accuracy_pct": acc, "accuracy_drop_pp": base - acc}
+    return {"teacher_epochs": args.mlp_epochs, "teacher_seconds": secs, "variants": table}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mnist", type=Path, required=True, help="folder with the four MNIST IDX .gz files")
+    ap.add_argument("--parts", nargs="+", default=["lenet5", "lenet300"])
     ap.add_argument("--lenet5-epochs", type=int, default=2)
     ap.add_argument("--mlp-epochs", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads for training and latency")
+    ap.add_argument("--threads", type=int, default=1, help="torch / onnxruntime threads for training and latency")
     ap.add_argument("--min-run-time", type=float, default=2.0, help="seconds of timing per variant and batch size")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--train-limit", type=int, default=None, help="first N training images only (smoke runs)")
@@ -84,68 +164,35 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     splits = prepare(MnistData(source="mnist", path=str(args.mnist.resolve()), train_limit=args.train_limit), seed=args.seed, root=Path("/"))
-    X, y = splits.tensors("test")
     result: dict = {
-        "host": {"cpu": cpu_model(), "threads": args.threads, "torch": torch.__version__, "python": platform.python_version()},
+        "host": {"cpu": cpu_model(), "threads": args.threads, "torch": torch.__version__, "python": platform.python_version(),
+                 "load_average_before": os.getloadavg()[0]},
         "args": {k: str(v) for k, v in vars(args).items() if k not in ("mnist", "out")},  # no local paths
-        "data": {"train": len(splits.X_train), "val": len(splits.X_val), "test": len(X)},
+        "data": {"train": len(splits.X_train), "val": len(splits.X_val), "test": len(splits.X_test)},
     }
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
-        # ---- 1. LeNet-5 static int8 vs fp32
-        fp32_path, secs = teacher({"arch": "lenet5"}, splits, args.lenet5_epochs, 0.02, args.seed, out, "lenet5")
-        static = StaticQuant(calibration_batches=20, calibration_batch_size=128)
-        q_path, qsecs = quantize_file(fp32_path, static, splits, args.seed, out / "lenet5-static.pt")
-        fp32, _ = load_model(fp32_path)
-        q, _ = load_model(q_path)
-        lat = latencies_ms({"fp32": fp32, "static-int8": q}, X, [1, 256], threads=args.threads,
-                           min_run_time=args.min_run_time)
-        acc_f, acc_q = accuracy_pct(fp32, X, y), accuracy_pct(q, X, y)
-        size_f, size_q = os.path.getsize(fp32_path), os.path.getsize(q_path)
-        result["lenet5"] = {
-            "teacher_epochs": args.lenet5_epochs, "teacher_seconds": secs, "quantize_seconds": qsecs,
-            "static": static.model_dump(mode="json"),
-            "fp32": {"size_bytes": size_f, "accuracy_pct": acc_f, "latency_ms": lat["fp32"]},
-            "static-int8": {"size_bytes": size_q, "accuracy_pct": acc_q, "latency_ms": lat["static-int8"]},
-            "size_ratio": size_f / size_q,
-            "accuracy_drop_pp": acc_f - acc_q,
-            "speedup": {b: lat["fp32"][b] / lat["static-int8"][b] for b in (1, 256)},
-        }
-        print("\n## LeNet-5: static int8 vs fp32 (eager PyTorch, "
-              f"{args.threads} thread(s), {cpu_model()}, torch {torch.__version__})\n")
-        print("| variant | size (bytes) | test acc (%) | b1 (ms) | b256 (ms) |\n|---|---|---|---|---|")
-        for name in ("fp32", "static-int8"):
-            r = result["lenet5"][name]
-            print(f"| {name} | {r['size_bytes']:,} | {r['accuracy_pct']:.2f} | {r['latency_ms'][1]:.3f} | {r['latency_ms'][256]:.2f} |")
-        r = result["lenet5"]
-        print(f"\nsize ratio {r['size_ratio']:.2f}x, accuracy drop {r['accuracy_drop_pp']:.2f} pp, "
-              f"speedup b1 {r['speedup'][1]:.2f}x, b256 {r['speedup'][256]:.2f}x", flush=True)
-
-        # ---- 2. LeNet-300-100: dynamic vs static vs kmeans-4bit
-        fp32_path, secs = teacher({"arch": "mlp", "hidden": [300, 100]}, splits, args.mlp_epochs, 0.05, args.seed, out,
-                                  "lenet300")
-        rows = {"fp32": fp32_path}
-        methods = {
-            "dynamic": DynamicQuant(),
-            "static": StaticQuant(calibration_batches=20, calibration_batch_size=128),
-            "kmeans-4bit": KMeansQuant(bits=4, finetune=Finetune(epochs=1, batch_size=128, optimizer=Optimizer(lr=0.01))),
-        }
-        timing = {}
-        for name, params in methods.items():
-            rows[name], timing[name] = quantize_file(fp32_path, params, splits, args.seed, out / f"lenet300-{name}.pt")
-        base_size = os.path.getsize(fp32_path)
-        base_acc = accuracy_pct(load_model(fp32_path)[0], X, y)
-        table = {}
-        for name, path in rows.items():
-            acc = accuracy_pct(load_model(path)[0], X, y)
-            size = os.path.getsize(path)
-            table[name] = {"size_bytes": size, "ratio": base_size / size, "accuracy_pct": acc,
-                           "accuracy_drop_pp": base_acc - acc, "quantize_seconds": timing.get(name)}
-        result["lenet300"] = {"teacher_epochs": args.mlp_epochs, "teacher_seconds": secs, "variants": table}
-        print("\n## LeNet-300-100: quantization methods (sizes of the saved files)\n")
-        print("| variant | size (bytes) | vs fp32 | test acc (%) | drop (pp) |\n|---|---|---|---|---|")
-        for name, r in table.items():
-            print(f"| {name} | {r['size_bytes']:,} | {r['ratio']:.2f}x | {r['accuracy_pct']:.2f} | {r['accuracy_drop_pp']:.2f} |")
+        if "lenet5" in args.parts:
+            r = result["lenet5"] = lenet5(args, splits, out)
+            print(f"\n## LeNet-5: static int8 and structured 50 % + static int8 ({args.threads} thread(s), {cpu_model()}, "
+                  f"torch {torch.__version__}, load average {os.getloadavg()[0]:.1f})\n")
+            print("| variant | file bytes | test acc % (torch / onnxruntime) | runtime | b1 ms | b256 ms | speedup b1 | speedup b256 |")
+            print("|---|---|---|---|---|---|---|---|")
+            for rt in ("compile", "onnxruntime", "eager"):
+                for k, v in r["variants"].items():
+                    lat, sp = r["latency_ms"][rt][k], r["speedup_vs_fp32_same_runtime"][rt][k]
+                    print(f"| {k} | {v['size_bytes']:,} | {v['accuracy_pct']:.2f} / {v['accuracy_onnx_pct']:.2f} | {rt} | "
+                          f"{lat[1]:.3f} | {lat[256]:.2f} | {sp[1]:.2f}× | {sp[256]:.2f}× |")
+            ch = r["runtime_change_fp32"]
+            print(f"\nruntime change, fp32 teacher vs eager: compile {ch['compile'][1]:.2f}× (b1) / {ch['compile'][256]:.2f}× "
+                  f"(b256); onnxruntime {ch['onnxruntime'][1]:.2f}× / {ch['onnxruntime'][256]:.2f}×", flush=True)
+        if "lenet300" in args.parts:
+            r = result["lenet300"] = lenet300(args, splits, out)
+            print("\n## LeNet-300-100: quantization methods (sizes of the saved files)\n")
+            print("| variant | size (bytes) | vs fp32 | test acc (%) | drop (pp) |\n|---|---|---|---|---|")
+            for name, v in r["variants"].items():
+                print(f"| {name} | {v['size_bytes']:,} | {v['ratio']:.2f}x | {v['accuracy_pct']:.2f} | {v['accuracy_drop_pp']:.2f} |")
+    result["host"]["load_average_after"] = os.getloadavg()[0]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1, default=str))
     print(f"\nwrote {args.out}")
