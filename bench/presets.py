@@ -1,20 +1,17 @@
-"""The model-family presets on MNIST, each through ``dvc repro`` in a fresh project.
+"""Run params presets through the product, for the bench scripts: `dvc repro` in a fresh clone.
 
-    .venv/bin/python bench/presets.py --mnist ../shared/data/mnist [--presets mnist-mobilenet mnist-lstm ...]
-        [--set KEY=VALUE ...] [--out bench/results/presets.json]
+Every figure a bench script publishes comes from here: a clone of this repository's
+HEAD (committed code only, as a new user gets it), the preset copied over its
+params.yaml with ``--set``-style overrides (seed, data path, ...), then `dvc repro`;
+the figures are read from what the stages wrote: ``reports/metrics.json`` (typed),
+the stage manifests and ``models/evaluate/pack.json``. Clones share one DVC cache
+(``cache_dir``), so a teacher already trained with the same data, params and code is
+restored from DVC's run-cache instead of being trained again.
 
-For each preset (``examples/<name>/params.yaml``): copy this project's pipeline into a
-new git + DVC repository (empty cache), write the preset as its params.yaml (plus
-``--set`` overrides; the MNIST folder is copied in as ``data/mnist``), run ``dvc repro``
-and time it, then read what the stages wrote: the teacher's test error, every
-variant's whole-file size ratio and error difference against the teacher, and the
-CPU latency of the teacher and each variant at batch 1 and 256, measured by the
-evaluate stage in one runtime for all (``evaluate.runtime``; ``auto`` compiles when a
-variant is a static int8 graph). Nothing here re-implements a stage.
-
-Prints one markdown table per preset and writes the raw figures (with host, load
-average before and after, and the overrides) to ``--out``. Latencies are only
-trustworthy on an idle CPU: the load averages are recorded for that reason.
+    from presets import run_preset
+    run = run_preset("examples/deep-compression-lenet300/params.yaml",
+                     ["seed=1", "data.path=/data/mnist"], workdir)
+    run.metrics["student"].size_bytes
 """
 
 from __future__ import annotations
@@ -22,104 +19,143 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
+import platform
 import subprocess
 import sys
-import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-from sweep_throughput import fresh_project  # noqa: E402
+BIN = Path(sys.executable).parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
 from schemas.metrics import Metrics  # noqa: E402
-from shrinkflow.measure import cpu_model  # noqa: E402
-
-PRESETS = ["mnist-mobilenet", "mnist-lstm", "mnist-gru", "mnist-transformer"]
-VARIANTS = ["teacher", "pruned", "quantized", "student"]
-
-
-def run_preset(name: str, mnist: Path, overrides: list[str], tmp: Path) -> dict:
-    from shrinkflow.config import apply_to_params_file
-
-    proj = fresh_project(tmp / name, [])
-    shutil.copytree(mnist, proj / "data" / "mnist", ignore=shutil.ignore_patterns("*.md", "MD5SUMS"))
-    apply_to_params_file(proj / "params.yaml", source=ROOT / "examples" / name / "params.yaml",
-                         overrides=["data.path=data/mnist", *overrides])
-    env = dict(os.environ, PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""),
-               DVC_NO_ANALYTICS="1", TORCHINDUCTOR_CACHE_DIR=str(tmp / "inductor"))
-    subprocess.run(["git", "commit", "-qam", "preset"], cwd=proj, check=True, env={
-        **env, "GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "bench@invalid",
-        "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "bench@invalid"})
-    load0 = os.getloadavg()[0]
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=proj, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise SystemExit(f"{name}: dvc repro failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    metrics = Metrics.read(proj)
-    stages = {s: json.loads((proj / "reports" / f"{s}.json").read_text()) for s in ("train_teacher", "prune", "quantize", "distill")}
-    teacher = metrics["teacher"]
-    rows = {}
-    for v in VARIANTS:
-        m = metrics[v]
-        rows[v] = {
-            "format": m.format,
-            "size_bytes": m.size_bytes,
-            "compression_ratio": m.compression_ratio,
-            "error_pct": 100 * (1 - m.accuracy),
-            "error_delta_pp": 100 * (teacher.accuracy - m.accuracy),
-            "params": m.params,
-            "macs": m.macs,
-            "latency_ms_b1": m.latency_ms(1),
-            "latency_ms_b256": m.latency_ms(256),
-            "speedup_b1": m.speedup(1),
-            "speedup_b256": m.speedup(256),
-            "runtime": m.runtime,
-        }
-    return {
-        "preset": name,
-        "overrides": overrides,
-        "wall_seconds": round(wall, 1),
-        "teacher_seconds": stages["train_teacher"].get("seconds"),
-        "load_before": round(load0, 2),
-        "load_after": round(os.getloadavg()[0], 2),
-        "variants": rows,
-    }
+from schemas.outputs import STAGE_OUTPUTS, StageOutput, read_manifest  # noqa: E402
+from schemas.paths import StagePaths  # noqa: E402
+from shrinkflow.config import apply_to_params_file  # noqa: E402
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--mnist", type=Path, required=True, help="folder with the four MNIST IDX .gz files")
-    ap.add_argument("--presets", nargs="+", default=PRESETS)
-    ap.add_argument("--set", dest="overrides", action="append", default=[], help="params override KEY=VALUE (repeatable)")
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "presets.json")
-    args = ap.parse_args()
+def env() -> dict[str, str]:
+    """The environment the stages run in: this venv first on PATH, analytics off, no Prefect server."""
+    out = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", DVC_NO_ANALYTICS="1",
+               PREFECT_SERVER_ANALYTICS_ENABLED="false", TORCHAO_FORCE_SKIP_LOADING_SO_FILES="1")
+    out.pop("PREFECT_API_URL", None)
+    for key, value in (("GIT_AUTHOR_NAME", "shrinkflow bench"), ("GIT_AUTHOR_EMAIL", "bench@shrinkflow.invalid")):
+        out.setdefault(key, value)
+        out.setdefault(key.replace("AUTHOR", "COMMITTER"), value)
+    return out
+
+
+def head() -> str:
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def host() -> dict[str, Any]:
+    """Where the figures were measured (stated beside every timing)."""
     import torch
 
-    host = {"cpu": cpu_model(), "cpus": os.cpu_count(), "torch": torch.__version__}
-    results = []
-    with tempfile.TemporaryDirectory(prefix="presets-") as tmp:
-        for name in args.presets:
-            print(f"running {name} ...", flush=True)
-            r = run_preset(name, args.mnist.resolve(), args.overrides, Path(tmp))
-            results.append(r)
-            runtime = r["variants"]["teacher"]["runtime"]
-            print(f"\n## {name}: dvc repro {r['wall_seconds']:.0f} s (teacher {r['teacher_seconds']:.0f} s), load "
-                  f"{r['load_before']}→{r['load_after']}; latency: {runtime}, 1 thread\n")
-            print("| variant | format | file bytes | ratio | error % | Δ pp | b1 ms | b256 ms | speedup b1 | speedup b256 |")
-            print("|---|---|---|---|---|---|---|---|---|---|")
-            for v, m in r["variants"].items():
-                print(f"| {v} | {m['format']} | {m['size_bytes']:,} | {m['compression_ratio']:.2f}× | {m['error_pct']:.2f} | "
-                      f"{m['error_delta_pp']:+.2f} | {m['latency_ms_b1']:.3f} | {m['latency_ms_b256']:.2f} | "
-                      f"{m['speedup_b1']:.2f}× | {m['speedup_b256']:.2f}× |", flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"host": host, "results": results}, indent=1) + "\n")
-    print(f"\nwrote {args.out}")
+    from shrinkflow.measure import cpu_model
+
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    return {"cpu": cpu_model(), "cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+            "commit": head(), "load_average_at_start": load}
 
 
-if __name__ == "__main__":
-    main()
+def clone(dest: Path, cache_dir: Path | None) -> Path:
+    """A fresh clone of HEAD at ``dest``, its DVC cache pointed at ``cache_dir`` (shared between runs)."""
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(dest)], check=True)
+    dvc = [str(BIN / "dvc")]
+    subprocess.run([*dvc, "config", "--local", "core.analytics", "false"], cwd=dest, check=True, env=env())
+    if cache_dir is not None:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        subprocess.run([*dvc, "cache", "dir", "--local", str(cache_dir)], cwd=dest, check=True, env=env())
+    return dest
+
+
+@dataclass
+class PresetRun:
+    """What one `dvc repro` of a preset produced."""
+
+    preset: str
+    overrides: list[str]
+    workspace: Path
+    seconds: float
+    ran: list[str]
+    metrics: Metrics
+    manifests: dict[str, StageOutput] = field(default_factory=dict)
+    pack: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def command(self) -> str:
+        """How a user reproduces this run (the data folder named generically)."""
+        sets = " ".join(f"--set {o}" if not o.startswith("data.path=") else "--set data.path=PATH/TO/mnist" for o in self.overrides)
+        return f"shrinkflow run --params {self.preset} {sets}".strip()
+
+    def cli(self, *args: str) -> str:
+        """Run a ``shrinkflow`` command in the workspace (e.g. ``pack``); its stdout."""
+        return subprocess.run([str(BIN / "shrinkflow"), *args], cwd=self.workspace, env=env(), check=True,
+                              capture_output=True, text=True).stdout
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "preset": self.preset, "overrides": self.overrides, "command": self.command, "seconds": round(self.seconds, 1),
+            "ran": self.ran, "metrics": self.metrics.as_json(), "pack": self.pack,
+            "manifests": {k: v.model_dump(mode="json") for k, v in self.manifests.items()},
+        }
+
+
+def run_preset(preset: str, overrides: list[str], workdir: Path, *, cache_dir: Path | None = None, name: str | None = None) -> PresetRun:
+    """Clone HEAD into ``workdir/name``, apply ``preset`` + ``overrides`` to its params.yaml, `dvc repro`.
+
+    Raises:
+        RuntimeError: `dvc repro` failed (its output's tail in the message; the full log is
+            ``<workspace>/repro.log``).
+    """
+    ws = clone(Path(workdir) / (name or f"run{len(list(Path(workdir).glob('*')))}"), cache_dir)
+    apply_to_params_file(ws / "params.yaml", ws / preset, overrides)
+    start = time.perf_counter()
+    with open(ws / "repro.log", "w") as log:
+        proc = subprocess.run([str(BIN / "dvc"), "repro"], cwd=ws, env=env(), stdout=log, stderr=subprocess.STDOUT)
+    seconds = time.perf_counter() - start
+    text = (ws / "repro.log").read_text()
+    if proc.returncode != 0:
+        raise RuntimeError(f"dvc repro of {preset} {overrides} failed:\n{text[-3000:]}")
+    ran = [ln.split("'")[1] for ln in text.splitlines() if ln.startswith("Running stage '")]
+    paths = StagePaths(ws)
+    manifests = {s: read_manifest(s, ws) for s in STAGE_OUTPUTS if paths.manifest(s).is_file()}
+    pack = json.loads(paths.pack_summary.read_text()) if paths.pack_summary.is_file() else {}
+    return PresetRun(preset, list(overrides), ws, seconds, ran, Metrics.read(ws), manifests, pack)
+
+
+def error_pct(accuracy: float) -> float:
+    return 100.0 * (1.0 - accuracy)
+
+
+def mean_se(values: list[float]) -> tuple[float, float]:
+    """Mean and standard error of the mean (0 for one value)."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, 0.0
+    var = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, (var / n) ** 0.5
+
+
+def parser(doc: str, results: str, seeds: list[int] | None = None) -> argparse.ArgumentParser:
+    """The options every preset bench takes: the MNIST folder, seeds, extra overrides, where clones and results go."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--mnist", type=Path, required=True, help="folder with the four MNIST IDX .gz files")
+    if seeds is not None:
+        ap.add_argument("--seeds", type=int, nargs="+", default=seeds)
+    ap.add_argument("--set", dest="extra", action="append", default=[], help="another params override (smoke runs), e.g. data.train_limit=2000")
+    ap.add_argument("--workdir", type=Path, default=None, help="where the clones go (kept); default: a temp folder")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / results)
+    return ap
+
+
+def write_results(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n")

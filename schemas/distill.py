@@ -6,9 +6,7 @@ adds only the keys its loss needs (``hint`` its layer names and weight).
 
 from __future__ import annotations
 
-from typing import Literal
-
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, PositiveInt, model_validator
 
@@ -33,6 +31,14 @@ class _DistillBase(Section):
         description=(
             "false: the transfer set (the training split) is used without its labels: the loss is the "
             "teacher term alone and alpha is not used."
+        ),
+    )
+    transfer_limit: PositiveInt | None = Field(
+        None,
+        description=(
+            "Distil on only the first N examples of the training split (the transfer set; Hinton et al. 2015 "
+            "used 3 % of MNIST to show what soft targets carry); null = the whole training split. The teacher "
+            "was trained on all of it."
         ),
     )
     epochs: int = Field(
