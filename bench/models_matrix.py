@@ -63,7 +63,7 @@ HALF = {
 QUANTIZER = {"mobilenet": "static", "lstm": "dynamic", "gru": "dynamic", "transformer": "static"}
 #: A digits-sized budget (1,257 training images): the presets' are sized for MNIST.
 DIGITS = ["data={source: digits}", "train_teacher.epochs=30", "prune.finetune.epochs=3", "distill.epochs=3"]
-COMMON = ["evaluate.batch_sizes=[1]", "evaluate.min_run_time=0.05", "evaluate.runtime=eager", "evaluate.gates={}"]
+COMMON = ["evaluate.batch_sizes=[1]", "evaluate.min_run_time=0.05", "evaluate.runtime=eager", "evaluate.pack_precision=exact"]
 
 
 def _project(dest: Path) -> Path:
