@@ -22,7 +22,7 @@ from torch import nn
 
 from shrinkflow.artifacts import ModelHeader
 from shrinkflow.errors import ShrinkflowError
-from shrinkflow.masks import prunable
+from shrinkflow.masks import layer_name, prunable
 
 
 def prune_refusal(model: nn.Module, header: ModelHeader, params: Any) -> str | None:
@@ -31,6 +31,13 @@ def prune_refusal(model: nn.Module, header: ModelHeader, params: Any) -> str | N
         return None
     if not prunable(model):
         return f"prune.method {params.method}: the model has no Linear, Conv, LSTM/GRU or attention weights to prune"
+    if params.method in ("magnitude", "random"):
+        from shrinkflow.pruning.magnitude import check_patterns
+
+        try:
+            check_patterns([layer_name(k) for k in prunable(model)], dict(params.layers), list(params.skip))
+        except ShrinkflowError as exc:
+            return str(exc)
     if params.method == "structured":
         from shrinkflow.pruning.structured import StructuredPruner
 
@@ -62,8 +69,15 @@ def quantize_refusal(model: nn.Module, header: ModelHeader, params: Any) -> str 
             capture(copy.deepcopy(model), torch.zeros(2, *header.input_shape), params.method)
         except ShrinkflowError as exc:
             return str(exc)
-    if params.method == "kmeans" and not prunable(model):
-        return "quantize.method kmeans: the model has no Linear, Conv, LSTM/GRU or attention weights to share"
+    if params.method == "kmeans":
+        from shrinkflow.quantization.kmeans import shareable_layers
+
+        if not prunable(model):
+            return "quantize.method kmeans: the model has no Linear, Conv, LSTM/GRU or attention weights to share"
+        try:
+            shareable_layers(model, params.bits, dict(params.layer_bits))
+        except ShrinkflowError as exc:
+            return str(exc)
     return None
 
 

@@ -72,6 +72,8 @@ def export_onnx(
         ``{"path", "size_bytes", "exported_as"}``.
     """
     float_model, how = exportable(model, header)
+    if int8 and "int8 QDQ" in how:
+        raise InputError("--int8: this model is int8 already (static/qat); its export is an int8 QDQ graph without it")
     example = torch.zeros(2, *header.input_shape)
     path = Path(path)
     with atomic_path(path) as tmp, warnings.catch_warnings():
