@@ -350,13 +350,13 @@ def test_torch_ao_deprecation_warnings_are_filtered_at_our_call_sites(mlp, digit
 
 def test_files_of_the_fx_static_path_still_load_and_pack(mlp, digits, tmp_path):
     """A static file as shrinkflow 0.1 wrote it (FX graph mode, no "graph" in its entry) loads, packs and reloads."""
-    from shrinkflow.quantization import static_fx
+    from shrinkflow.quantization import static, static_fx
 
     model, header = mlp
     X, _ = digits.tensors("train")
     with static_fx.quiet_torch_ao():
-        prepared = static_fx.prepare(copy.deepcopy(model), (X[:2],), static_fx.qconfig())
-        static_fx.calibrate(prepared, X, 3, 64)
+        prepared = static_fx.prepare(copy.deepcopy(model), (X[:2],), static_fx.qconfig(observer="histogram"))
+        static.calibrate(X, 3, 64)(prepared)
         qmodel = static_fx.convert(prepared)
     entry = {"bits": 8, "per_channel": True, "activations": static_fx.activation_qparams(qmodel)}
     h = header.with_transform("static-int8", **entry)  # 0.1's transform name

@@ -53,6 +53,7 @@ from shrinkflow.errors import ParamsError
 from shrinkflow.masks import RECURRENT, masks_from_zeros
 from shrinkflow.methods import Env
 from shrinkflow.quantization import static_fx
+from shrinkflow.quantization.static_fx import weight_range
 from shrinkflow.quantization._compat import quiet_torch_ao
 
 #: The header transforms, named after the methods (both rebuild the same int8 graph).
@@ -61,11 +62,6 @@ KIND, QAT_KIND = "static", "qat"
 GRAPH = "pt2e"
 #: Name prefix pt2e gives its observer modules.
 _OBSERVER = "activation_post_process_"
-
-
-def weight_range(bits: int) -> tuple[int, int]:
-    """Signed integer range of ``bits``-bit weights: (-2**(bits-1), 2**(bits-1) - 1)."""
-    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
 
 
 @contextlib.contextmanager

@@ -24,12 +24,9 @@ from typing import Any
 import torch
 from torch import nn
 from torch.ao.quantization import QConfig, QConfigMapping
-from torch.ao.quantization.fake_quantize import FakeQuantize
 from torch.ao.quantization.observer import (
     HistogramObserver,
     MinMaxObserver,
-    MovingAverageMinMaxObserver,
-    MovingAveragePerChannelMinMaxObserver,
     PerChannelMinMaxObserver,
 )
 
@@ -45,32 +42,18 @@ def weight_range(bits: int) -> tuple[int, int]:
     return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
 
 
-def qconfig(bits: int = 8, per_channel: bool = True, observer: str = "histogram", qat: bool = False) -> QConfig:
-    """The QConfig for x86: 8-bit activations (reduce_range), ``bits``-bit symmetric weights."""
+def qconfig(bits: int = 8, per_channel: bool = True, observer: str = "minmax") -> QConfig:
+    """The QConfig 0.1 used on x86: 7-bit activations (reduce_range), ``bits``-bit symmetric weights.
+
+    Rebuilding needs only its shapes and dtypes (the file's scales replace the
+    observers'); ``histogram`` calibrates like 0.1 did (tests write such files).
+    """
     qmin, qmax = weight_range(bits)
     wq = dict(dtype=torch.qint8, quant_min=qmin, quant_max=qmax)
     # 7-bit activation range (what reduce_range=True did): x86 int8 kernels on CPUs
     # without VNNI saturate on the full 8-bit range.
     act = dict(dtype=torch.quint8, quant_min=0, quant_max=127)
-    if qat:
-        w_obs = (
-            MovingAveragePerChannelMinMaxObserver.with_args(qscheme=torch.per_channel_symmetric, **wq)
-            if per_channel
-            else MovingAverageMinMaxObserver.with_args(qscheme=torch.per_tensor_symmetric, **wq)
-        )
-        return QConfig(
-            activation=FakeQuantize.with_args(observer=MovingAverageMinMaxObserver, **act),
-            weight=FakeQuantize.with_args(
-                observer=w_obs, quant_min=qmin, quant_max=qmax, dtype=torch.qint8,
-                qscheme=torch.per_channel_symmetric if per_channel else torch.per_tensor_symmetric,
-            ),
-        )
-    if observer == "minmax":
-        a_obs = MinMaxObserver.with_args(**act)
-    elif observer == "histogram":
-        a_obs = HistogramObserver.with_args(**act)
-    else:
-        raise ParamsError(f"quantize.observer: unknown {observer!r}; use minmax, histogram or percentile")
+    a_obs = (HistogramObserver if observer == "histogram" else MinMaxObserver).with_args(**act)
     w_obs = (
         PerChannelMinMaxObserver.with_args(qscheme=torch.per_channel_symmetric, **wq)
         if per_channel
@@ -84,15 +67,13 @@ def _example(header_or_shape: ModelHeader | list[int]) -> tuple[torch.Tensor]:
     return (torch.zeros(2, *shape),)
 
 
-def prepare(model: nn.Module, example: tuple[torch.Tensor], cfg: QConfig, qat: bool = False) -> nn.Module:
-    """Fuse, and insert observers (or fake-quantizers for QAT); returns a GraphModule."""
-    from torch.ao.quantization.quantize_fx import prepare_fx, prepare_qat_fx
+def prepare(model: nn.Module, example: tuple[torch.Tensor], cfg: QConfig) -> nn.Module:
+    """Fuse, and insert observers; returns a GraphModule."""
+    from torch.ao.quantization.quantize_fx import prepare_fx
 
     mapping = QConfigMapping().set_global(cfg)
     with _quiet():
         try:
-            if qat:
-                return prepare_qat_fx(model.train(), mapping, example)
             return prepare_fx(model.eval(), mapping, example)
         except Exception as exc:  # symbolic tracing fails on data-dependent control flow
             raise ParamsError(
@@ -107,39 +88,6 @@ def convert(prepared: nn.Module) -> nn.Module:
 
     with _quiet():
         return convert_fx(prepared.eval())
-
-
-def calibrate(prepared: nn.Module, X: torch.Tensor, batches: int, batch_size: int, seed: int = 0) -> None:
-    """Run ``batches`` random training batches through the observers."""
-    gen = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(X), generator=gen)
-    prepared.eval()
-    with torch.no_grad():
-        for b in range(batches):
-            idx = order[b * batch_size : (b + 1) * batch_size]
-            if len(idx) == 0:
-                break
-            prepared(X[idx])
-
-
-def clamp_to_bits(qmodel: nn.Module, bits: int) -> nn.Module:
-    """Clamp every int8 weight into the ``bits``-bit range, in place.
-
-    torch.ao's convert rounds weights with the observer's scale but clamps only to
-    the int8 range, so the extreme weight of a channel can land one step outside
-    [-2**(bits-1), 2**(bits-1) - 1] (e.g. +8 at 4 bits): 2**bits + 1 levels.
-    """
-    if bits >= 8:
-        return qmodel
-    with quiet_torch_ao(), torch.no_grad():
-        for q in _int8_modules(qmodel).values():
-            w = q.weight()
-            if w.is_quantized and hasattr(q, "set_weight_bias"):
-                q.set_weight_bias(_on_grid(w.dequantize(), _grid(w), bits), q.bias())
-    return qmodel
-
-
-# ------------------------------------------------------------ transform hooks
 
 
 def rebuild(model: nn.Module, entry: dict[str, Any], header: ModelHeader) -> nn.Module:
