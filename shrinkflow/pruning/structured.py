@@ -122,9 +122,6 @@ class RecurrentPruner:
     def get_in_channels(self, layer: nn.Module) -> int:
         return layer.input_size
 
-    def __call__(self, layer: nn.Module, idxs: Sequence[int], to_output: bool = True) -> nn.Module:
-        return self.prune_out_channels(layer, idxs) if to_output else self.prune_in_channels(layer, idxs)
-
 
 def _customized() -> dict[type, Any]:
     """Torch-Pruning's pruner interface around ``RecurrentPruner``, for each recurrent layer type."""
