@@ -194,7 +194,8 @@ def render(results: list[dict[str, Any]], data: str) -> str:
                 cells.append("—")
             elif c == "onnx":
                 t, q = cell["teacher"], cell["int8"]
-                cells.append(f"works: fp32 max Δ {t['max_abs_diff']:.1e}, int8 agreement {q['argmax_agreement']:.3f}")
+                how = "int8 QDQ" if "QDQ" in q["exported_as"] else "int8 (exported as its float equivalent)"
+                cells.append(f"works: fp32 max Δ {t['max_abs_diff']:.1e}; {how} agreement {q['argmax_agreement']:.3f}")
             elif cell["works"]:
                 cells.append(f"works: {cell['size_ratio']:.2f}×, {cell['accuracy_drop_pp']:+.2f} pp")
             else:
@@ -212,7 +213,12 @@ def main() -> None:
     ap.add_argument("--train-limit", type=int, default=10000, help="MNIST training images (with --mnist)")
     ap.add_argument("--doc", type=Path, default=ROOT / "docs" / "models.md")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "models_matrix.json")
+    ap.add_argument("--render", type=Path, default=None, help="only write --doc from this results JSON (no run)")
     args = ap.parse_args()
+    if args.render:
+        saved = json.loads(args.render.read_text())
+        args.doc.write_text(render(saved["results"], saved["data"]))
+        return
     import torch
 
     torch.set_num_threads(1)
