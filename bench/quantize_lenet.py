@@ -2,8 +2,15 @@
 
     .venv/bin/python bench/quantize_lenet.py --mnist PATH/TO/mnist [--seed 0]
 
-- LeNet-5, static int8: ``examples/quantize-lenet5`` by `dvc repro` (teacher and quantized
-  model timed in one process by the evaluate stage, 1 thread, batch 1 and 256).
+- LeNet-5, static int8: ``examples/quantize-lenet5`` by `dvc repro`, and the same with
+  ``structured`` 50 % first (the settings of ``examples/structured-lenet5``). The static
+  int8 model is a pt2e graph; its latency is measured in the runtimes a user deploys,
+  teacher and variants interleaved in one process, 1 thread, batch 1 and 256:
+  ``compile`` (what the evaluate stage reports: ``evaluate.runtime: auto`` compiles
+  every variant when one is a static int8 graph), ``onnxruntime`` (``shrinkflow export``
+  of each variant's file: the fp32 graph and the int8 QDQ graph, timed here with
+  ``measure.latencies_ms``), and ``eager`` (``evaluate.runtime: eager``: the reference
+  kernels of an int8 graph, to show why it is not the reported runtime).
 - LeNet-300-100: ``examples/mnist-lenet300`` with pruning and distillation disabled and a
   5-epoch teacher, once per method (dynamic, static, k-means 4-bit with 1 centroid
   fine-tuning epoch); the clones share one DVC cache, so the teacher is trained once and
@@ -20,6 +27,63 @@ import tempfile
 from pathlib import Path
 
 from presets import host, parser, run_preset, write_results
+
+#: ``examples/structured-lenet5``'s pruning, before the static int8 of ``examples/quantize-lenet5``.
+STRUCTURED = ["prune={method: structured, sparsity: 0.5, scope: layer, finetune: {epochs: 1, batch_size: 128, "
+              "optimizer: {name: sgd, lr: 0.01, momentum: 0.9}, distill_from_teacher: true}}"]
+VARIANTS = {"teacher": "train_teacher", "pruned": "prune", "quantized": "quantize"}
+
+
+def onnxruntime_latency(run, variants: list[str], min_run_time: float) -> dict:
+    """``shrinkflow export`` of each variant's file in the run's workspace, then onnxruntime latency of all of
+    them interleaved (1 thread, batch 1 and 256, the test split): {variant: {batch: ms}}, and how each exported."""
+    from schemas.paths import StagePaths
+    from shrinkflow.data import load_splits
+    from shrinkflow.export import onnx_session
+    from shrinkflow.measure import latencies_ms
+
+    paths = StagePaths(run.workspace)
+    runners, how = {}, {}
+    for v in variants:
+        out = run.workspace / f"{v}.onnx"
+        how[v] = run.cli("export", str(paths.model(VARIANTS[v])), str(out), "--no-check").strip()
+        sess = onnx_session(out, threads=1)
+        name = sess.get_inputs()[0].name
+        runners[v] = lambda x, s=sess, n=name: s.run(None, {n: x.numpy()})[0]
+    X, _ = load_splits(paths.splits).tensors("test")
+    return {"latency_ms": latencies_ms(runners, X, [1, 256], threads=1, min_run_time=min_run_time), "exported": how}
+
+
+def lenet5(common: list[str], workdir: Path) -> dict:
+    preset = "examples/quantize-lenet5/params.yaml"
+    runs = {
+        "static": run_preset(preset, common, workdir, cache_dir=workdir / "cache", name="lenet5"),
+        "structured+static": run_preset(preset, [*common, *STRUCTURED], workdir, cache_dir=workdir / "cache", name="lenet5-structured"),
+        "static-eager": run_preset(preset, [*common, "evaluate.runtime=eager"], workdir, cache_dir=workdir / "cache",
+                                   name="lenet5-eager"),
+    }
+    out: dict = {name: run.summary() for name, run in runs.items()}
+    out["onnxruntime"] = {
+        "static": onnxruntime_latency(runs["static"], ["teacher", "quantized"], 2.0),
+        "structured+static": onnxruntime_latency(runs["structured+static"], ["teacher", "pruned", "quantized"], 2.0),
+    }
+    for name, run in runs.items():
+        m = run.metrics
+        print(f"\n`{run.command}` ({m['teacher'].runtime}, 1 thread; dvc repro {run.seconds:.0f} s)\n")
+        print("| LeNet-5 | file bytes | test acc | batch 1 | batch 256 |\n|---|---|---|---|---|")
+        for v in ("teacher", "pruned", "quantized"):
+            r = m[v]
+            if v == "pruned" and r.format == m["teacher"].format:
+                continue  # pruning disabled
+            print(f"| {v} ({r.format}) | {r.size_bytes:,} ({r.compression_ratio:.2f}×) | {100 * r.accuracy:.2f} % | "
+                  f"{r.latency_ms(1):.3f} ms ({r.speedup(1):.2f}×) | {r.latency_ms(256):.2f} ms ({r.speedup(256):.2f}×) |")
+    for name, res in out["onnxruntime"].items():
+        lat = res["latency_ms"]
+        print(f"\nonnxruntime, {name} (`shrinkflow export` of each file, 1 thread):\n")
+        print("| LeNet-5 | batch 1 | batch 256 |\n|---|---|---|")
+        for v, ms in lat.items():
+            print(f"| {v} | {ms[1]:.3f} ms ({lat['teacher'][1] / ms[1]:.2f}×) | {ms[256]:.2f} ms ({lat['teacher'][256] / ms[256]:.2f}×) |")
+    return out
 
 LENET300 = ["prune.enabled=false", "distill.enabled=false", "evaluate.pack=none", "train_teacher.epochs=5",
             "train_teacher.batch_size=128", "evaluate.min_run_time=2.0"]
@@ -40,13 +104,7 @@ def main() -> None:
     h = host()
     result: dict = {"host": h}
     if "lenet5" in args.nets:
-        run = run_preset("examples/quantize-lenet5/params.yaml", common, workdir, cache_dir=workdir / "cache", name="lenet5")
-        result["lenet5"] = run.summary()
-        t, q = run.metrics["teacher"], run.metrics["quantized"]
-        print(f"\n`{run.command}`\n\n| LeNet-5 | file bytes | test acc | batch 1 | batch 256 |\n|---|---|---|---|---|")
-        print(f"| fp32 | {t.size_bytes:,} | {100 * t.accuracy:.2f} % | {t.latency_ms(1):.3f} ms | {t.latency_ms(256):.2f} ms |")
-        print(f"| static int8 | {q.size_bytes:,} ({q.compression_ratio:.2f}×) | {100 * q.accuracy:.2f} % | "
-              f"{q.latency_ms(1):.3f} ms ({q.speedup(1):.2f}×) | {q.latency_ms(256):.2f} ms ({q.speedup(256):.2f}×) |", flush=True)
+        result["lenet5"] = lenet5(common, workdir)
     if "lenet300" in args.nets:
         rows = {}
         for name, sets in METHODS.items():

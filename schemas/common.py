@@ -30,6 +30,9 @@ def registry(key: str, default: str, *variants: type[Section]) -> Any:
 # -------------------------------------------------------------------------- model
 
 
+#: A teacher's default training epochs (``train_teacher.epochs``); a new distillation student's too.
+TEACHER_EPOCHS = 20
+
 #: Widest layer a spec may ask for (a bound on what a model file can make the loader allocate).
 MAX_WIDTH = 2**20
 Width = Annotated[int, Field(ge=1, le=MAX_WIDTH)]
@@ -57,7 +60,60 @@ class ModuleSpec(Section):
     kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments passed to the class.")
 
 
-ModelSpec = registry("arch", "mlp", MLPSpec, LeNet5Spec, ModuleSpec)
+class MobileNetSpec(Section):
+    arch: Literal["mobilenet"] = Field(
+        description="Residual CNN of MobileNetV2 blocks (1×1 expand, 3×3 depthwise, 1×1 project, BatchNorm, "
+        "residual adds), global average pooling, Linear; for image inputs."
+    )
+    widths: list[Width] = Field(
+        default_factory=lambda: [16, 32, 64], min_length=1, max_length=8,
+        description="Channels of each stage; every stage after the first starts by halving the resolution.",
+    )
+    blocks: int = Field(2, ge=1, le=16, description="Inverted-residual blocks per stage.")
+    expansion: int = Field(2, ge=1, le=8, description="Width of a block's depthwise layer, as a multiple of its input channels.")
+    stem_stride: Literal[1, 2] | None = Field(
+        None, description="Stride of the first convolution; null = 2 for inputs of 16 px or more, else 1 (8×8 digits)."
+    )
+
+
+class _RNNSpec(Section):
+    hidden: Width = Field(128, description="Hidden units of each recurrent layer.")
+    layers: int = Field(1, ge=1, le=8, description="Stacked recurrent layers (one nn.LSTM/nn.GRU with num_layers).")
+
+
+class LSTMSpec(_RNNSpec):
+    arch: Literal["lstm"] = Field(
+        description="LSTM over the rows of an image (sequential MNIST: 28 steps of 28 pixels) or over "
+        "[steps, features] inputs, classified from the last step."
+    )
+
+
+class GRUSpec(_RNNSpec):
+    arch: Literal["gru"] = Field(description="As lstm, with GRU cells.")
+
+
+class TransformerSpec(Section):
+    arch: Literal["transformer"] = Field(
+        description="Transformer encoder on image patches (ViT): patch embedding, multi-head self-attention, "
+        "LayerNorm, MLP, mean pooling, Linear."
+    )
+    patch: int | None = Field(
+        None, ge=1, le=64, description="Side of a square patch in pixels; it must divide the image. null = a quarter "
+        "of the image side (7 for MNIST, 2 for 8×8 digits: 16 patches)."
+    )
+    dim: Width = Field(64, description="Embedding width of every token.")
+    depth: int = Field(2, ge=1, le=24, description="Encoder blocks.")
+    heads: int = Field(4, ge=1, le=64, description="Attention heads per block (dim must be a multiple of heads).")
+    mlp: Width = Field(128, description="Hidden width of each block's MLP.")
+
+    @model_validator(mode="after")
+    def _heads(self) -> TransformerSpec:
+        if self.dim % self.heads:
+            raise ValueError(f"dim ({self.dim}) must be a multiple of heads ({self.heads})")
+        return self
+
+
+ModelSpec = registry("arch", "mlp", MLPSpec, LeNet5Spec, MobileNetSpec, LSTMSpec, GRUSpec, TransformerSpec, ModuleSpec)
 
 
 # ------------------------------------------------------------------ optimizers

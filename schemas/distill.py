@@ -6,11 +6,14 @@ adds only the keys its loss needs (``hint`` its layer names and weight).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, PositiveInt
+from pydantic import Field, PositiveInt, model_validator
 
-from schemas.common import ModelSpec, Optimizer, Section, registry
+from schemas.common import TEACHER_EPOCHS, ModelSpec, Optimizer, Section, registry
+
+#: A compressed student's recovery budget (the defaults below); a new student gets a teacher's.
+RECOVERY_EPOCHS, RECOVERY_LR = 3, 0.01
 
 
 class _DistillBase(Section):
@@ -38,9 +41,26 @@ class _DistillBase(Section):
             "was trained on all of it."
         ),
     )
-    epochs: int = Field(3, ge=0, description="Distillation epochs.")
-    batch_size: PositiveInt = Field(64, description="Mini-batch size.")
-    optimizer: Optimizer = Field(default_factory=lambda: Optimizer(lr=0.01), description="Optimizer for distillation.")
+    epochs: int = Field(
+        RECOVERY_EPOCHS, ge=0,
+        description="Distillation epochs. The default (3) is a compressed student's short recovery; a new student "
+        "(a model spec) trains from scratch and by default gets the teacher's budget: train_teacher.epochs, "
+        "batch_size and optimizer.",
+    )
+    batch_size: PositiveInt = Field(64, description="Mini-batch size (a new student: train_teacher.batch_size by default).")
+    optimizer: Optimizer = Field(
+        default_factory=lambda: Optimizer(lr=RECOVERY_LR),
+        description="Optimizer for distillation (default lr 0.01; a new student: train_teacher.optimizer by default).",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _new_student_budget(cls, data: Any) -> Any:
+        # Outside a params file (no teacher section to copy), a new student still gets a
+        # teacher's default budget rather than a compressed student's recovery.
+        if isinstance(data, dict) and is_new_student(data.get("student", "compressed")):
+            data = {"epochs": TEACHER_EPOCHS, "optimizer": {}, **data}
+        return data
 
 
 class _SoftTargets(_DistillBase):
@@ -91,6 +111,11 @@ class HintDistill(_SoftTargets):
             "on the hint loss, before the `epochs` of output plus hint loss. 0 = skip."
         ),
     )
+
+
+def is_new_student(student: Any) -> bool:
+    """True when ``distill.student`` names a model to train from scratch (not ``compressed``)."""
+    return student != "compressed" and student is not None
 
 
 DistillParams = registry("method", "auto", AutoDistill, LogitsDistill, RegressionDistill, HintDistill)

@@ -30,6 +30,13 @@ class EvaluateParams(Section):
         default_factory=lambda: [1, 256], min_length=1, description="Batch sizes at which CPU latency is measured."
     )
     threads: PositiveInt = Field(1, description="torch.set_num_threads during latency measurement (stated in the report).")
+    runtime: Literal["auto", "eager", "compile"] = Field(
+        "auto",
+        description="Runtime every variant's latency is measured in (the same for all, so speedups compare like with "
+        "like): eager PyTorch, or compile = torch.compile (inductor, frozen weights, one compilation per batch size: "
+        "the deployable form of a static/qat int8 graph, which eagerly runs slow reference kernels). auto = compile "
+        "when a variant is static/qat int8, else eager.",
+    )
     min_run_time: float = Field(
         0.3, gt=0, le=60, description="Seconds of timing per variant and batch size (torch.utils.benchmark blocked_autorange)."
     )

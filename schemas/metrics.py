@@ -41,6 +41,9 @@ class VariantMetrics(BaseModel):
     format: str = Field(description="How the file stores the weights.")
     path: str = Field(description="The variant's file, relative to the project root.")
     compression_ratio: float = Field(description="Teacher file size / this file's size, same run.")
+    runtime: str | None = Field(
+        None, description="Where latency was measured (the same for every variant of a run): eager or compiled PyTorch."
+    )
 
     @model_validator(mode="after")
     def _shape(self) -> VariantMetrics:

@@ -8,11 +8,12 @@ to a default.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, PositiveInt, model_validator
 
 from schemas.common import (
+    TEACHER_EPOCHS,
     Finetune,
     LeNet5Spec,
     MLPSpec,
@@ -29,7 +30,7 @@ from schemas.data import (
     NpzData,
     SyntheticRegressionData,
 )
-from schemas.distill import AutoDistill, DistillParams
+from schemas.distill import AutoDistill, DistillParams, is_new_student
 from schemas.evaluate import EvaluateParams, Gates
 from schemas.prune import MagnitudePrune, PruneParams
 from schemas.quantize import DynamicQuant, QuantizeParams
@@ -43,7 +44,7 @@ __all__ = [
 
 class TrainTeacherParams(Section):
     model: ModelSpec = Field(default_factory=MLPSpec, description="Architecture of the teacher.")
-    epochs: PositiveInt = Field(20, description="Training epochs.")
+    epochs: PositiveInt = Field(TEACHER_EPOCHS, description="Training epochs.")
     batch_size: PositiveInt = Field(64, description="Mini-batch size.")
     optimizer: Optimizer = Field(default_factory=Optimizer, description="Optimizer settings.")
     checkpoint: str | None = Field(
@@ -75,6 +76,20 @@ class Params(Section):
     quantize: QuantizeParams = Field(default_factory=DynamicQuant, description="Quantize the pruned model.")
     distill: DistillParams = Field(default_factory=AutoDistill, description="Distill from the teacher.")
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams, description="Measure every variant side by side.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _new_student_gets_the_teachers_budget(cls, data: Any) -> Any:
+        """A new distillation student trains from scratch: unless its section says otherwise it gets
+        the teacher's epochs, batch size and optimizer (the recovery defaults are for compressed students)."""
+        if not isinstance(data, dict) or not isinstance(data.get("distill"), dict):
+            return data
+        distill = data["distill"]
+        if not is_new_student(distill.get("student", "compressed")):
+            return data
+        teacher = data.get("train_teacher") if isinstance(data.get("train_teacher"), dict) else {}
+        budget = {k: teacher[k] for k in ("epochs", "batch_size", "optimizer") if k in teacher}
+        return {**data, "distill": {**budget, **distill}}
 
     @model_validator(mode="after")
     def _task_fits_method(self) -> Params:

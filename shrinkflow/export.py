@@ -4,6 +4,9 @@ What exports:
 
 * fp32 models (teacher, unstructured-pruned, distilled students) and structurally
   pruned models (their layers are simply smaller) export as they are.
+* static / QAT int8 models (pt2e graphs) export as they are: a QDQ graph
+  (QuantizeLinear / DequantizeLinear around every Conv/Linear, int8 weights),
+  which onnxruntime runs with its int8 kernels.
 * k-means weight-shared models export their float equivalent (``codebook[index]``
   materialised): the same function, the same outputs up to float rounding.
 * dynamic-int8 models (``torch.ao`` ``quantize_dynamic``) have no int8 ONNX path
@@ -38,7 +41,11 @@ from shrinkflow.training import predict, quality
 
 
 def exportable(model: nn.Module, header: ModelHeader) -> tuple[nn.Module, str]:
-    """The float module to export and how it relates to the variant ("as is" or why not)."""
+    """The module to export and how it relates to the variant ("as is" or why not)."""
+    from shrinkflow.quantization.static import QuantizedGraph
+
+    if isinstance(model, QuantizedGraph):
+        return model.graph, "as is (int8 QDQ graph: pt2e static/qat)"
     i = float_index(header)
     if i == len(header.transforms):
         return model.eval(), "as is (fp32)"
@@ -65,6 +72,8 @@ def export_onnx(
         ``{"path", "size_bytes", "exported_as"}``.
     """
     float_model, how = exportable(model, header)
+    if int8 and "int8 QDQ" in how:
+        raise InputError("--int8: this model is int8 already (static/qat); its export is an int8 QDQ graph without it")
     example = torch.zeros(2, *header.input_shape)
     path = Path(path)
     with atomic_path(path) as tmp, warnings.catch_warnings():

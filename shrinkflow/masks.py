@@ -11,17 +11,41 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-#: Layers whose weights pruning and weight sharing act on.
+#: Layers whose ``weight`` pruning and weight sharing act on.
 WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+#: Recurrent layers: their input and recurrent matrices (``weight_ih_l0``, ``weight_hh_l0``, ...) are prunable.
+RECURRENT = (nn.RNN, nn.LSTM, nn.GRU)
+#: Layers holding weight matrices under names of their own: recurrent layers, and the packed
+#: input projections of ``nn.MultiheadAttention`` (its ``out_proj`` is a Linear already).
+MATRICES = (*RECURRENT, nn.MultiheadAttention)
+
+
+def weight_names(mod: nn.Module) -> list[str]:
+    """Names of ``mod``'s own prunable weight matrices (``weight`` for Linear/Conv); biases never."""
+    if isinstance(mod, WEIGHTED):
+        return ["weight"]
+    if isinstance(mod, RECURRENT):
+        return [n for n in mod._flat_weights_names if n.startswith("weight_")]
+    if isinstance(mod, nn.MultiheadAttention):
+        names = ["in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"]
+        return [n for n in names if getattr(mod, n, None) is not None]
+    return []
 
 
 def prunable(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The weights pruning may zero: weight matrices/kernels of Linear and Conv layers."""
-    return {
-        f"{name}.weight" if name else "weight": mod.weight
-        for name, mod in model.named_modules()
-        if isinstance(mod, WEIGHTED)
-    }
+    """The weights pruning may zero, by state-dict key: the weight of Linear and Conv layers, the
+    input and recurrent matrices of LSTM/GRU/RNN layers, the input projections of nn.MultiheadAttention."""
+    out = {}
+    for name, mod in model.named_modules():
+        for w in weight_names(mod):
+            out[f"{name}.{w}" if name else w] = getattr(mod, w)
+    return out
+
+
+def layer_name(weight_key: str) -> str:
+    """The name patterns match for a prunable weight: ``net.1.weight`` → ``net.1`` (its module);
+    other weights keep their attribute (``rnn.weight_hh_l0``)."""
+    return "" if weight_key == "weight" else weight_key.removesuffix(".weight")
 
 
 def masks_from_zeros(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -42,15 +42,47 @@ def macs(model: nn.Module, header: ModelHeader) -> int | None:
     """Multiply-accumulates per example, counted by Torch-Pruning on the float equivalent.
 
     Zeroed weights still count (dense kernels compute them); structured pruning
-    lowers it. None when the model has layers the counter cannot trace.
+    lowers it. Recurrent layers are counted here (``recurrent_macs``). None when
+    the model has layers the counter cannot trace.
     """
     import torch_pruning as tp
 
+    float_model = to_float(model, header).eval()
+    example = torch.zeros(1, *header.input_shape)
     try:
-        counted, _ = tp.utils.count_ops_and_params(to_float(model, header).eval(), torch.zeros(1, *header.input_shape))
+        counted, _, per_layer, _ = tp.utils.count_ops_and_params(float_model, example, layer_wise=True)
+        ours = recurrent_macs(float_model, example)
     except Exception:  # a user module the op counter cannot run: report no figure rather than fail
         return None
-    return int(counted)
+    return int(counted - sum(per_layer.get(m) or 0 for m in ours) + sum(ours.values()))
+
+
+def recurrent_macs(model: nn.Module, example: torch.Tensor) -> dict[nn.Module, int]:
+    """MACs of each LSTM/GRU/RNN layer for one example: steps × the gate matrices of every layer and direction.
+
+    Torch-Pruning 1.6 reads a batch-first sequence's length as its batch size, so its
+    figure for these layers is steps times too large.
+    """
+    from shrinkflow.masks import RECURRENT
+
+    steps: dict[nn.Module, int] = {}
+
+    def hook(mod: nn.Module, inputs: tuple, _out: Any) -> None:
+        x = inputs[0]
+        steps[mod] = int(x.shape[1] if mod.batch_first and x.dim() == 3 else x.shape[0])
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, RECURRENT)]
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in handles:
+            h.remove()
+    out = {}
+    for m, t in steps.items():
+        per_step = sum(getattr(m, n).numel() for n in m._flat_weights_names if n.startswith("weight_"))
+        out[m] = t * per_step
+    return out
 
 
 def sparsity_of(model: nn.Module, header: ModelHeader) -> tuple[float, dict[str, float]]:
@@ -87,6 +119,45 @@ def latencies_ms(
         return {name: {b: statistics.median(v) for b, v in per.items()} for name, per in samples.items()}
     finally:
         torch.set_num_threads(previous)
+
+
+RUNTIMES = {"eager": "eager PyTorch", "compile": "torch.compile (inductor, frozen weights)"}
+
+
+def runtime_for(models: Mapping[str, nn.Module], runtime: str) -> str:
+    """The runtime ``auto`` stands for: ``compile`` when a model is a pt2e int8 graph (its deployable
+    form is compiled; eagerly it runs reference kernels), else ``eager``."""
+    if runtime != "auto":
+        return runtime
+    from shrinkflow.quantization.static import QuantizedGraph
+
+    return "compile" if any(isinstance(m, QuantizedGraph) for m in models.values()) else "eager"
+
+
+def compiled(model: nn.Module) -> Callable[[torch.Tensor], Any]:
+    """``model`` compiled as it is deployed: ``torch.compile`` (inductor) with frozen weights and static
+    shapes (the quantized convolutions fail to compile with dynamic ones), so each input shape
+    compiles on its first call.
+
+    Freezing is switched on around compilation only (each new shape's first call):
+    ``torch.compile(options={"freezing": True})`` does not reach the pass that prepacks
+    oneDNN int8 weights (it fails on ``onednn.qconv_prepack``), the config patch does.
+    """
+    import torch._inductor.config as inductor
+
+    fn = torch.compile(model.eval(), dynamic=False)
+    seen: set[tuple[int, ...]] = set()
+
+    def run(x: torch.Tensor) -> Any:
+        shape = tuple(x.shape)
+        if shape in seen:
+            return fn(x)
+        with inductor.patch(freezing=True):
+            out = fn(x)
+        seen.add(shape)
+        return out
+
+    return run
 
 
 def cpu_model() -> str:

@@ -67,6 +67,153 @@ class LeNet5(nn.Module):
         return self.classifier(self.features(x))
 
 
+class InvertedResidual(nn.Module):
+    """MobileNetV2's block: 1×1 expand → 3×3 depthwise → 1×1 project, each with BatchNorm.
+
+    The input is added back when the block keeps resolution and width (the residual
+    that ties the channels of every block of a stage together).
+    """
+
+    def __init__(self, cin: int, cout: int, stride: int, expansion: int) -> None:
+        super().__init__()
+        hidden = cin * expansion
+        self.expand = nn.Sequential(nn.Conv2d(cin, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU())
+        self.depthwise = nn.Sequential(
+            nn.Conv2d(hidden, hidden, 3, stride=stride, padding=1, groups=hidden, bias=False),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU(),
+        )
+        self.project = nn.Sequential(nn.Conv2d(hidden, cout, 1, bias=False), nn.BatchNorm2d(cout))
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.project(self.depthwise(self.expand(x)))
+        return x + out if self.residual else out
+
+
+class MobileNet(nn.Module):
+    """A small residual CNN of MobileNetV2 blocks (depthwise-separable convolutions, BatchNorm).
+
+    stem conv3×3 → per stage ``blocks`` inverted-residual blocks (the first of each
+    stage after the first halves the resolution) → global average pool → Linear.
+    """
+
+    def __init__(
+        self, in_shape: Sequence[int], out_features: int, widths: Sequence[int] = (16, 32, 64), blocks: int = 2,
+        expansion: int = 2, stem_stride: int = 2,
+    ) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_shape[0], widths[0], 3, stride=stem_stride, padding=1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU()
+        )
+        layers: list[nn.Module] = []
+        cin = widths[0]
+        for i, width in enumerate(widths):
+            for b in range(blocks):
+                layers.append(InvertedResidual(cin, width, 2 if i > 0 and b == 0 else 1, expansion))
+                cin = width
+        self.blocks = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(cin, out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.pool(self.blocks(self.stem(x))), 1))
+
+
+def sequence_shape(in_shape: Sequence[int]) -> tuple[int, int]:
+    """(time steps, features per step) of an input: image rows as steps (28 rows of 28 pixels for
+    MNIST, channels side by side), or a ``[steps, features]`` input as it is."""
+    dims = [int(d) for d in in_shape]
+    if len(dims) == 3:
+        return dims[1], dims[0] * dims[2]
+    if len(dims) == 2:
+        return dims[0], dims[1]
+    raise InputError(
+        f"a recurrent model needs sequence inputs shaped [steps, features] or images [channels, height, width], "
+        f"got {dims}; use arch: mlp for flat tabular data"
+    )
+
+
+class RNNClassifier(nn.Module):
+    """LSTM or GRU over the input's rows (sequential MNIST), classified from the last step's output.
+
+    The recurrent layers are one ``nn.LSTM``/``nn.GRU`` of ``layers`` layers, so
+    ``torch.ao`` dynamic int8 and the structured pruner see the layer users write.
+    """
+
+    def __init__(self, in_shape: Sequence[int], out_features: int, cell: str = "lstm", hidden: int = 128, layers: int = 1) -> None:
+        super().__init__()
+        self.steps, self.features = sequence_shape(in_shape)
+        rnn = {"lstm": nn.LSTM, "gru": nn.GRU}[cell]
+        self.rnn = rnn(self.features, hidden, num_layers=layers, batch_first=True)
+        self.head = nn.Linear(hidden, out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.rnn(x.reshape(x.shape[0], self.steps, self.features))
+        return self.head(out[:, -1])
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with one fused ``qkv`` projection (as timm's ViT).
+
+    The number of heads is read from the layer's width (``qkv`` holds 3 × heads ×
+    ``head_dim`` outputs), so removing whole heads from ``qkv`` and ``proj`` is all
+    structured pruning has to do.
+    """
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.head_dim = dim // heads
+        self.qkv = nn.Linear(dim, 3 * heads * self.head_dim)
+        self.proj = nn.Linear(heads * self.head_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        heads = self.qkv.out_features // (3 * self.head_dim)
+        q, k, v = self.qkv(x).reshape(b, n, 3, heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(b, n, heads * self.head_dim))
+
+
+class EncoderBlock(nn.Module):
+    """Pre-norm Transformer encoder block: x + attn(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, dim: int, heads: int, mlp: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, mlp)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(mlp, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.fc2(self.act(self.fc1(self.norm2(x))))
+
+
+class VisionTransformer(nn.Module):
+    """A small Transformer encoder on image patches (ViT): patch embedding, learned positions,
+    pre-norm encoder blocks, mean pooling over patches, LayerNorm, Linear."""
+
+    def __init__(
+        self, in_shape: Sequence[int], out_features: int, patch: int = 7, dim: int = 64, depth: int = 2, heads: int = 4,
+        mlp: int = 128,
+    ) -> None:
+        super().__init__()
+        channels, height, width = (int(d) for d in in_shape)
+        self.patch_embed = nn.Conv2d(channels, dim, patch, stride=patch)
+        self.pos = nn.Parameter(torch.zeros(1, (height // patch) * (width // patch), dim))
+        nn.init.trunc_normal_(self.pos, std=0.02)
+        self.blocks = nn.Sequential(*(EncoderBlock(dim, heads, mlp) for _ in range(depth)))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos
+        return self.head(self.norm(self.blocks(x)).mean(1))
+
+
 def lenet5_padding(in_shape: Sequence[int], padding: int | None) -> int:
     """Padding for LeNet-5: as given, else 0 for inputs of 16 pixels or more, else 2."""
     if padding is not None:
@@ -125,15 +272,45 @@ def estimate_params(spec: Any, in_shape: Sequence[int], out_features: int) -> in
         c = int(in_shape[0]) if in_shape else 1
         pixels = math.prod(int(d) for d in in_shape[1:]) if len(in_shape) > 1 else 1
         return c * 20 * 25 + 20 + 20 * 50 * 25 + 50 + 50 * pixels * 500 + 500 + 500 * out_features + out_features
+    if spec.arch in BUILT_IN:
+        try:  # built on the meta device: shapes only, nothing allocated
+            with torch.device("meta"):
+                model = build_model(spec, in_shape, out_features)
+        except InputError:
+            return None  # the spec does not fit the input: building it later says why
+        return sum(p.numel() for p in model.parameters())
     return None
+
+
+def _image_shape(arch: str, in_shape: Sequence[int]) -> tuple[int, int, int]:
+    if len(in_shape) != 3:
+        raise InputError(
+            f"{arch} needs image inputs shaped [channels, height, width], got {list(in_shape)}; "
+            "use arch: mlp for tabular data"
+        )
+    c, h, w = (int(d) for d in in_shape)
+    return c, h, w
+
+
+def _patch(spec: Any, in_shape: Sequence[int]) -> int:
+    """The transformer's patch side: as given, else a quarter of the image side; it must divide both sides."""
+    _, h, w = _image_shape("transformer", in_shape)
+    patch = spec.patch if spec.patch is not None else max(1, min(h, w) // 4)
+    if h % patch or w % patch:
+        raise InputError(f"transformer: patch {patch} does not divide the {h}×{w} image; set patch to a divisor of both sides")
+    return patch
+
+
+#: Architectures built here from their spec (``arch: module`` is the user's own class).
+BUILT_IN = ("mlp", "lenet5", "mobilenet", "lstm", "gru", "transformer")
 
 
 def build_model(spec: Any, in_shape: Sequence[int], out_features: int, allow: Sequence[str] = ()) -> nn.Module:
     """Build an untrained model from a spec (``schemas.common.ModelSpec``).
 
     Args:
-        spec: ``MLPSpec`` (``{"arch": "mlp", "hidden": [..]}``), ``LeNet5Spec`` or
-            ``ModuleSpec`` (``{"arch": "module", "import": "pkg.mod:Class", "kwargs": {..}}``).
+        spec: ``MLPSpec`` (``{"arch": "mlp", "hidden": [..]}``), ``LeNet5Spec``,
+            ``MobileNetSpec``, ``LSTMSpec``, ``GRUSpec``, ``TransformerSpec`` or ``ModuleSpec`` (``{"arch": "module", "import": "pkg.mod:Class", "kwargs": {..}}``).
             A user module is built as ``Class(**kwargs)``; it must accept inputs of
             ``in_shape`` (batch first) and return ``out_features`` outputs.
         in_shape: shape of one input without the batch dimension, e.g. ``[1, 8, 8]``.
@@ -144,12 +321,16 @@ def build_model(spec: Any, in_shape: Sequence[int], out_features: int, allow: Se
     if arch == "mlp":
         return MLP(math.prod(int(d) for d in in_shape), list(spec.hidden), out_features)
     if arch == "lenet5":
-        if len(in_shape) != 3:
-            raise InputError(
-                f"lenet5 needs image inputs shaped [channels, height, width], got {list(in_shape)}; "
-                "use arch: mlp for tabular data"
-            )
+        _image_shape(arch, in_shape)
         return LeNet5(in_shape, out_features, lenet5_padding(in_shape, spec.padding))
+    if arch == "mobilenet":
+        c, h, w = _image_shape(arch, in_shape)
+        stride = spec.stem_stride if spec.stem_stride is not None else (2 if min(h, w) >= 16 else 1)
+        return MobileNet(in_shape, out_features, list(spec.widths), spec.blocks, spec.expansion, stride)
+    if arch in ("lstm", "gru"):
+        return RNNClassifier(in_shape, out_features, arch, spec.hidden, spec.layers)
+    if arch == "transformer":
+        return VisionTransformer(in_shape, out_features, _patch(spec, in_shape), spec.dim, spec.depth, spec.heads, spec.mlp)
     if arch == "module":
         cls = module_class(spec.import_, allow)
         try:

@@ -13,7 +13,8 @@ from schemas.paths import VARIANTS
 from shrinkflow.data import load_splits
 from shrinkflow.io import write_json, write_text
 from shrinkflow.loading import load_model
-from shrinkflow.measure import cpu_model, latencies_ms, macs, model_file, sparsity_of
+from shrinkflow.errors import ParamsError
+from shrinkflow.measure import RUNTIMES, compiled, cpu_model, latencies_ms, macs, model_file, runtime_for, sparsity_of
 from shrinkflow.packing import pack_model, render
 from shrinkflow.report import quality_drop, render_table
 from shrinkflow.training import predict, quality
@@ -135,7 +136,17 @@ def run(params: EvaluateParams, ctx: Context) -> EvaluateOutput:
     if packed is None:  # models/evaluate is a DVC out: say why it holds no packed file
         write_json(ctx.paths.pack_summary, {"variant": None, "reason": f"evaluate.pack: {params.pack}"})
     outputs = {v: predict(m, X) for v, m in models.items()}
-    lat = latencies_ms(models, X, params.batch_sizes, threads=params.threads, min_run_time=params.min_run_time)
+    runtime = runtime_for(models, params.runtime)
+    runners = {v: compiled(m) for v, m in models.items()} if runtime == "compile" else models
+    try:
+        lat = latencies_ms(runners, X, params.batch_sizes, threads=params.threads, min_run_time=params.min_run_time)
+    except Exception as exc:  # torch.compile names what it cannot compile
+        if runtime != "compile":
+            raise
+        raise ParamsError(
+            f"evaluate.runtime: torch.compile failed on a variant ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+            "set evaluate.runtime: eager"
+        ) from exc
     rows: dict[str, VariantMetrics] = {}
     t = "teacher"
     for v, out in outputs.items():
@@ -155,6 +166,7 @@ def run(params: EvaluateParams, ctx: Context) -> EvaluateOutput:
             "macs": structure[v]["macs"],
             "format": files[v].format,
             "path": files[v].path,
+            "runtime": RUNTIMES[runtime],
         }
         for b in params.batch_sizes:
             m[f"latency_ms_b{b}"] = lat[v][b]
@@ -169,7 +181,7 @@ def run(params: EvaluateParams, ctx: Context) -> EvaluateOutput:
         [{"variant": v, "size_bytes": m.size_bytes, "quality": m.quality, "metric": qkey} for v, m in metrics.items()],
     )
     gates = _gates(params, metrics, task)
-    host = f"{cpu_model()}, torch {torch.__version__}, {params.threads} thread(s), {os.cpu_count()} CPUs"
+    host = f"{RUNTIMES[runtime]}, {cpu_model()}, torch {torch.__version__}, {params.threads} thread(s), {os.cpu_count()} CPUs"
     gate_lines = [f"- {g.name}: {g.value:.4g} (limit {g.limit:g}) — {'pass' if g.passed else 'FAIL'}" for g in gates] or ["- none configured"]
     report = "\n".join(
         [

@@ -23,7 +23,7 @@ def run_stage(name: str, params: Params, root: Path) -> StageOutput:
     paths = StagePaths(Path(root))
     # Imported by name so that a stage loads only its own module (dvc.yaml lists its imports).
     module = importlib.import_module(f"tasks.{name}")
-    output: StageOutput = module.run(getattr(params, name), Context(paths=paths, seed=params.seed, device=params.device, trusted=trusted(params)))
+    output: StageOutput = module.run(getattr(params, name), Context(paths=paths, seed=params.seed, device=params.device, trusted=trusted(params), pipeline=params))
     write_json(paths.manifest(name), output.model_dump(mode="json"))
     return output
 

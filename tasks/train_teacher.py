@@ -7,8 +7,9 @@ import time
 from schemas.outputs import TrainTeacherOutput
 from schemas.params import TrainTeacherParams
 from shrinkflow.artifacts import ModelHeader, save_model
+from shrinkflow.compat import refusals
 from shrinkflow.data import Splits, load_splits
-from shrinkflow.errors import InputError
+from shrinkflow.errors import InputError, ParamsError
 from shrinkflow.loading import load_checkpoint
 from shrinkflow.measure import model_file
 from shrinkflow.training import fit, save_teacher_outputs, seed_everything
@@ -18,12 +19,22 @@ from tasks._common import method_env, no_curves, val_metric
 STAGE = "train_teacher"
 
 
+def preflight(model, header: ModelHeader, ctx: Context) -> None:
+    """Refuse now, before training, a run whose prune or quantize method cannot work on this model."""
+    if ctx.pipeline is None:
+        return
+    found = refusals(model, header, ctx.pipeline.prune, ctx.pipeline.quantize)
+    if found:
+        raise ParamsError("; ".join(found) + " (checked before training the teacher)")
+
+
 def run(params: TrainTeacherParams, ctx: Context) -> TrainTeacherOutput:
     splits: Splits = load_splits(ctx.paths.splits)
     header = ModelHeader.for_data(params.model, splits)
     start = time.perf_counter()
     if params.checkpoint:
         model, header = load_checkpoint(ctx.paths.root / params.checkpoint, header, "train_teacher.checkpoint", ctx.trusted)
+        preflight(model, header, ctx)
         val, epochs = val_metric(model, splits), 0
         no_curves(STAGE, ctx)
     else:
@@ -32,6 +43,7 @@ def run(params: TrainTeacherParams, ctx: Context) -> TrainTeacherOutput:
             model = header.build(allow=ctx.trusted)
         except InputError as exc:
             raise type(exc)(f"train_teacher.model: {exc}") from None
+        preflight(model, header, ctx)
         with method_env(STAGE, ctx, splits, curves=True) as env:
             res = fit(
                 model, splits, epochs=params.epochs, batch_size=params.batch_size, optimizer=params.optimizer,

@@ -206,10 +206,12 @@ def test_recovery_training_keeps_the_quantization(params, pruned_mlp, digits, tm
     if params.method == "kmeans":
         assert max(_distinct_weights(recovered).values()) <= 2**params.bits
     else:  # int8 weights within the bits range
-        for m in recovered.modules():
-            if callable(getattr(m, "weight", None)) and m.weight().is_quantized:
-                ints = m.weight().int_repr()
-                assert ints.min() >= -(2 ** (params.bits - 1)) and ints.max() <= 2 ** (params.bits - 1) - 1
+        weights = (recovered.quantized_weights().values() if hasattr(recovered, "quantized_weights") else
+                   [m.weight() for m in recovered.modules() if callable(getattr(m, "weight", None))])
+        ints = [w.int_repr() for w in weights if w.is_quantized]
+        assert ints
+        for i in ints:
+            assert i.min() >= -(2 ** (params.bits - 1)) and i.max() <= 2 ** (params.bits - 1) - 1
 
 
 @pytest.mark.parametrize("constrained", [True, False])
@@ -237,7 +239,9 @@ def test_dynamic_recovery_trains_on_the_int8_grid(constrained, pruned_mlp, digit
         assert max(on_grid) < 0.5, on_grid
 
 
-def test_lenet_static_fuses_and_reloads_identically(digits, tmp_path):
+def test_lenet_static_is_an_int8_graph_that_reloads_identically(digits, tmp_path):
+    from shrinkflow.quantization.static import QuantizedGraph
+
     model, header = _train({"arch": "lenet5"}, digits, epochs=2)
     qmodel, qheader = QUANTIZERS["static"](model, header, StaticQuant(calibration_batches=3), Env(splits=digits))
     path = tmp_path / "lenet.pt"
@@ -245,9 +249,15 @@ def test_lenet_static_fuses_and_reloads_identically(digits, tmp_path):
     loaded, _ = load_model(path)
     X, _ = digits.tensors("test")
     assert torch.equal(predict(loaded, X), predict(qmodel, X))
-    kinds = {type(m).__module__ for m in loaded.modules()}
-    assert any("quantized" in k for k in kinds)  # real int8 modules, not fake-quant
-    assert not any("observer" in k or "fake_quantize" in k for k in kinds)
+    assert isinstance(loaded, QuantizedGraph) and qheader.transforms[-1]["graph"] == "pt2e"
+    state = loaded.state_dict()
+    int8 = [k for k, v in state.items() if v.dtype == torch.int8]
+    assert len(int8) == 4  # both convolutions and both Linear layers
+    assert not any(v.dtype == torch.float32 and v.dim() > 1 for v in state.values())  # no float weight kept beside them
+    assert not any("activation_post_process" in n for n, _ in loaded.named_modules())  # converted: no observer left
+    # The four int8 weights hold all but the biases and scales: the file is about a quarter of fp32.
+    fp32 = save_model(model, tmp_path / "fp32.pt", header)
+    assert path.stat().st_size < fp32 / 3.5
 
 
 def test_params_validation_names_the_key():
@@ -315,12 +325,12 @@ def test_static_folds_batchnorm_and_round_trips_through_float(digits, tmp_path):
 
 
 def test_percentile_observer_clips_outliers():
-    from torch.ao.quantization.observer import MinMaxObserver
+    from torchao.quantization.pt2e import MinMaxObserver
 
-    from shrinkflow.quantization.static import PercentileObserver
+    from shrinkflow.quantization.static import _percentile_observer
 
     x = torch.cat([torch.rand(10_000), torch.tensor([50.0])])  # one outlier
-    p, m = PercentileObserver(percentile=99.9, dtype=torch.quint8), MinMaxObserver(dtype=torch.quint8)
+    p, m = _percentile_observer()(percentile=99.9, dtype=torch.quint8), MinMaxObserver(dtype=torch.quint8)
     p(x)
     m(x)
     assert p.calculate_qparams()[0] < m.calculate_qparams()[0] / 10
@@ -402,3 +412,28 @@ def test_auto_bits_keeps_explicit_layer_bits(mlp, digits):
     _, qheader = QUANTIZERS["kmeans"](model, header, params, Env(splits=digits, seed=0))
     layers = qheader.transforms[-1]["layers"]
     assert layers["net.5"] == 8 and set(layers) == {"net.1", "net.3", "net.5"}
+
+
+def test_files_of_the_fx_static_path_still_load_and_pack(mlp, digits, tmp_path):
+    """A static file as shrinkflow 0.1 wrote it (FX graph mode, no "graph" in its entry) loads, packs and reloads."""
+    from shrinkflow.quantization import static, static_fx
+
+    model, header = mlp
+    X, _ = digits.tensors("train")
+    with static_fx.quiet_torch_ao():
+        prepared = static_fx.prepare(copy.deepcopy(model), (X[:2],), static_fx.qconfig(observer="histogram"))
+        static.calibrate(X, 3, 64)(prepared)
+        qmodel = static_fx.convert(prepared)
+    entry = {"bits": 8, "per_channel": True, "activations": static_fx.activation_qparams(qmodel)}
+    h = header.with_transform("static-int8", **entry)  # 0.1's transform name
+    path = tmp_path / "fx.pt"
+    save_model(qmodel, path, h)
+    loaded, lh = load_model(path)
+    Xt, _ = digits.tensors("test")
+    assert lh.transforms[-1]["kind"] == "static" and "graph" not in lh.transforms[-1]
+    assert torch.equal(predict(loaded, Xt), predict(qmodel, Xt))
+    from shrinkflow.loading import pack_file
+
+    pack_file(path, tmp_path / "fx.sfz")
+    packed, _ = load_model(tmp_path / "fx.sfz")
+    assert torch.equal(predict(packed, Xt), predict(qmodel, Xt))

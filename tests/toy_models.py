@@ -35,6 +35,76 @@ class ResNetTiny(nn.Module):
         return self.fc(torch.flatten(self.pool(self.blocks(self.stem(x))), 1))
 
 
+class FlatOrImageResNet(ResNetTiny):
+    """ResNetTiny whose forward also takes flat inputs: it branches on the input's rank, which
+    torch.fx cannot trace (torch.export captures the branch taken)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2:
+            x = x.view(x.shape[0], 1, 8, 8)
+        return super().forward(x)
+
+
+class UserLSTM(nn.Module):
+    """A user's two-layer LSTM over the rows of 1×8×8 digits."""
+
+    def __init__(self, hidden: int = 16, num_classes: int = 10) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(8, hidden, num_layers=2, batch_first=True)
+        self.fc = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.lstm(x.reshape(x.shape[0], 8, 8))
+        return self.fc(out[:, -1])
+
+
+class TimmAttention(nn.Module):
+    """Attention as timm writes it: fused qkv, a ``num_heads`` count, a ``head_dim``."""
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = (q @ k.transpose(-2, -1) * self.head_dim**-0.5).softmax(-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim))
+
+
+class UserViT(nn.Module):
+    """A user's one-block ViT on 2×2 patches of digits, with timm-style attention."""
+
+    def __init__(self, dim: int = 16, heads: int = 4, num_classes: int = 10) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(1, dim, 2, stride=2)
+        self.norm1, self.attn = nn.LayerNorm(dim), TimmAttention(dim, heads)
+        self.norm2, self.fc1, self.fc2 = nn.LayerNorm(dim), nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x).flatten(2).transpose(1, 2)
+        x = x + self.attn(self.norm1(x))
+        x = x + self.fc2(torch.relu(self.fc1(self.norm2(x))))
+        return self.head(x.mean(1))
+
+
+class UserEncoder(nn.Module):
+    """A user's Transformer built from torch's nn.TransformerEncoder (nn.MultiheadAttention inside)."""
+
+    def __init__(self, dim: int = 16, heads: int = 2, num_classes: int = 10) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, dim)
+        layer = nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embed(x.reshape(x.shape[0], 8, 8))).mean(1))
+
+
 def prune_structurally(model: nn.Module, header):
     """Remove half of every hidden layer's neurons/channels in place with the real
     ``structured`` handler; return the header whose transform rebuilds the result."""

@@ -25,9 +25,9 @@ Every choice above is lossless. One optional step is not: given ``reference``
 inputs (classification), float tensors (biases, codebooks, unshared weights) are
 rounded to float16 where the model's predicted class on every reference input stays
 the same (tried all at once, else tensor by tensor, largest saving first); the
-report lists the rounded tensors. torch.ao int8 layers (dynamic, static, QAT) are
-re-quantized on load with their stored scales, so their integer weights are the
-same too.
+report lists the rounded tensors. int8 weights (torch.ao dynamic layers, pt2e
+static/QAT graphs, FX files) are re-quantized on load with their stored scales, so
+their integers are the same too.
 
 File format version 2 (``container``) stores the tensor table in binary (varints,
 names and shapes implied by the architecture in the header, sections back to back)
@@ -381,22 +381,31 @@ def _decode_tensor(payload: memoryview, entry: dict[str, Any], widths: Sequence[
 # -- quantized modules ---------------------------------------------------------------
 
 
+def _quantized(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Quantized weights by float state-dict key: torch.ao int8 modules' ``weight()``, or the
+    model's own ``quantized_weights()`` (a pt2e int8 graph, ``quantization.static``)."""
+    if callable(getattr(model, "quantized_weights", None)):
+        return model.quantized_weights()
+    out = {}
+    for name, mod in model.named_modules():
+        w = getattr(mod, "weight", None)
+        if callable(w) and hasattr(mod, "set_weight_bias"):
+            qw = w()
+            if isinstance(qw, torch.Tensor) and qw.is_quantized:
+                out[f"{name}.weight" if name else "weight"] = qw
+    return out
+
+
 def _qparams(model: nn.Module) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
-    """Scales of torch.ao quantized weights, and their integers by float weight key.
+    """Scales of the quantized weights, and their integers by float weight key.
 
     The integers are stored instead of the dequantized floats (≤ 256 distinct values
     per tensor even with per-channel scales); the scales let loading rebuild the
     same floats and re-quantize to the same integers.
     """
     out, ints = [], {}
-    for name, mod in model.named_modules():
-        w = getattr(mod, "weight", None)
-        if not callable(w) or not hasattr(mod, "set_weight_bias"):
-            continue
-        qw = w()
-        if not (isinstance(qw, torch.Tensor) and qw.is_quantized):
-            continue
-        entry: dict[str, Any] = {"module": name, "dtype": str(qw.dtype).removeprefix("torch.")}
+    for key, qw in _quantized(model).items():
+        entry: dict[str, Any] = {"module": key.removesuffix("weight").removesuffix("."), "dtype": str(qw.dtype).removeprefix("torch.")}
         if qw.qscheme() in (torch.per_tensor_affine, torch.per_tensor_symmetric):
             entry.update(scheme="per_tensor", scale=float(qw.q_scale()), zero_point=int(qw.q_zero_point()))
         elif qw.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
@@ -408,7 +417,7 @@ def _qparams(model: nn.Module) -> tuple[list[dict[str, Any]], dict[str, torch.Te
             )
         else:  # pragma: no cover - no other scheme exists in torch.ao today
             continue
-        ints[f"{name}.weight" if name else "weight"] = qw.int_repr()
+        ints[key] = qw.int_repr()
         out.append(entry)
     return out, ints
 
@@ -438,13 +447,11 @@ def _dequantize(ints: torch.Tensor, q: dict[str, Any]) -> torch.Tensor:
 
 def _restore_qparams(model: nn.Module, float_state: dict[str, torch.Tensor], qparams: list[dict[str, Any]]) -> None:
     mods = dict(model.named_modules())
+    own = callable(getattr(model, "set_quantized_weights", None))
+    weights = {}
     for q in qparams:
-        mod = mods.get(q["module"])
-        if mod is None or not hasattr(mod, "set_weight_bias"):
-            raise ValueError(f"quantized module {q['module']!r} missing from the rebuilt model")
         prefix = f"{q['module']}." if q["module"] else ""
         w = float_state[f"{prefix}weight"]
-        b = float_state.get(f"{prefix}bias")
         dtype = _qdtype(q["dtype"])
         if q["scheme"] == "per_tensor":
             qw = torch.quantize_per_tensor(w, q["scale"], q["zero_point"], dtype)
@@ -452,7 +459,15 @@ def _restore_qparams(model: nn.Module, float_state: dict[str, torch.Tensor], qpa
             qw = torch.quantize_per_channel(
                 w, torch.tensor(q["scales"], dtype=torch.float64), torch.tensor(q["zero_points"]), q["axis"], dtype
             )
-        mod.set_weight_bias(qw, b)
+        if own:
+            weights[f"{prefix}weight"] = qw
+            continue
+        mod = mods.get(q["module"])
+        if mod is None or not hasattr(mod, "set_weight_bias"):
+            raise ValueError(f"quantized module {q['module']!r} missing from the rebuilt model")
+        mod.set_weight_bias(qw, float_state.get(f"{prefix}bias"))
+    if own:
+        model.set_quantized_weights(weights)
 
 
 def _assemble(header: ModelHeader, state: dict[str, torch.Tensor], qparams: list[dict[str, Any]], where: str,

@@ -31,15 +31,10 @@ from torch import nn
 
 from schemas.prune import MagnitudePrune, RandomPrune
 from shrinkflow.errors import ParamsError
-from shrinkflow.masks import prunable
+from shrinkflow.masks import layer_name, prunable
 
 #: Params of the methods that zero single weights.
 Unstructured = MagnitudePrune | RandomPrune
-
-
-def layer_name(weight_key: str) -> str:
-    """``net.1.weight`` → ``net.1`` (the name patterns match)."""
-    return weight_key.removesuffix(".weight").removesuffix("weight")
 
 
 def _matches(name: str, patterns: Iterable[str]) -> list[str]:

@@ -5,8 +5,9 @@ Each entry point is ``(model, header, params, env) -> (quantized model, header)`
 that rebuilds the quantized model on load (see ``shrinkflow.artifacts``). Methods and
 the PyTorch path behind each:
 
-- ``dynamic``: ``torch.ao.quantization.quantize_dynamic`` (int8 Linear weights).
-- ``static`` / ``qat``: FX graph mode int8 (``static.py`` says why not pt2e).
+- ``dynamic``: ``torch.ao.quantization.quantize_dynamic`` (int8 Linear, LSTM and GRU weights).
+- ``static`` / ``qat``: ``torch.export`` + pt2e (torchao), run compiled (``static.runtime``);
+  files of the former FX path still load (``static_fx.py``).
 - ``kmeans``: per-layer k-means weight sharing (codebook + uint8 indices).
 """
 

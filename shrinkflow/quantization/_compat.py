@@ -3,10 +3,10 @@
 torch 2.13 marks ``torch.ao.quantization`` deprecated (in favour of torchao) and
 warns on every call, and its quantized modules warn that creating quantized
 tensors is deprecated. We keep torch.ao where it is still the path with fast int8
-CPU kernels and a state dict that loads with ``weights_only=True`` (see
-``dynamic.py`` and ``static.py``); users' logs should not fill with warnings about
-a choice made here, so these known messages, and only these, are silenced around
-our calls.
+CPU kernels and a state dict that loads with ``weights_only=True`` (``dynamic.py``),
+and to load files of the former FX static path (``static_fx.py``); users' logs
+should not fill with warnings about a choice made here, so these known messages,
+and only these, are silenced around our calls.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """n-bit weight sharing (Deep Compression, Han et al. 2016): one k-means codebook per layer.
 
-Each chosen Linear/Conv layer keeps ``2**bits`` distinct weight values: a float32
+Each chosen weight (Linear/Conv ``weight``, LSTM/GRU ``weight_ih``/``weight_hh``,
+attention input projections: every ``masks.prunable`` weight) keeps ``2**bits`` distinct weight values: a float32
 codebook and a uint8 index per weight, which is what the model file stores (so a
 4-bit layer takes ~1/4 of its fp32 bytes before any entropy coding). The layer
 computes ``weight = codebook[index]`` on the fly, so it runs like the float layer.
@@ -38,70 +39,92 @@ from torch import nn
 from schemas.quantize import KMeansQuant
 from shrinkflow.artifacts import ModelHeader, Transform, keep_constraints, register_transform
 from shrinkflow.errors import ParamsError
-from shrinkflow.masks import WEIGHTED
+from shrinkflow.masks import layer_name, prunable
 from shrinkflow.methods import Env
 
 KIND = "kmeans"
-#: Layer types whose ``weight`` can be shared.
-SHAREABLE = WEIGHTED
 
 
 # ----------------------------------------------------------------- the module form
 
 
-def _shared_weight(self: nn.Module) -> torch.Tensor:
+def _shared_weight(self: nn.Module, name: str) -> torch.Tensor:
     # Materialising codebook[index] costs a gather over every weight per call (it made
     # LeNet-5 batch-1 inference ~5x slower), so the result is cached until a buffer
     # is replaced or changed in place (load_state_dict bumps ``_version``).
-    cb, idx = self.weight_codebook, self.weight_index
+    cb, idx = getattr(self, f"{name}_codebook"), getattr(self, f"{name}_index")
     key = (cb.data_ptr(), cb._version, idx.data_ptr(), idx._version, cb.device)
-    cached = self.__dict__.get("_shared_weight_cache")
+    cache = self.__dict__.setdefault("_shared_weight_cache", {})
+    cached = cache.get(name)
     if cached is not None and cached[0] == key:
         return cached[1]
     with torch.inference_mode(False):  # a normal tensor, usable outside inference mode too
         w = cb[idx.long()]
-    self.__dict__["_shared_weight_cache"] = (key, w)
+    cache[name] = (key, w)
     return w
 
 
 @functools.cache
-def _shared_class(base: type[nn.Module]) -> type[nn.Module]:
-    """``base`` (e.g. nn.Linear) whose ``weight`` is computed from codebook + indices."""
-    return type(f"Shared{base.__name__}", (base,), {"weight": property(_shared_weight), "__module__": __name__})
+def _shared_class(base: type[nn.Module], names: frozenset[str]) -> type[nn.Module]:
+    """``base`` (e.g. nn.Linear, nn.LSTM) whose weights ``names`` are computed from codebook + indices.
+
+    A recurrent layer reads its weights by name at each forward (and notices the new
+    tensor), so the same property works for ``weight_ih_l0`` as for a Linear's ``weight``.
+    """
+    props = {n: property(functools.partial(_shared_weight, name=n)) for n in sorted(names)}
+    return type(f"Shared{base.__name__}", (base,), {**props, "_shared_names": names, "_shared_base": base, "__module__": __name__})
 
 
-def share(mod: nn.Module, codebook: torch.Tensor, index: torch.Tensor) -> None:
-    """Turn a Linear/Conv layer into its weight-shared form, in place.
+def share(mod: nn.Module, codebook: torch.Tensor, index: torch.Tensor, name: str = "weight") -> None:
+    """Turn one weight of a layer into its shared form, in place.
 
     Args:
-        mod: the layer; its float ``weight`` parameter is dropped.
+        mod: the layer (Linear, Conv, LSTM, GRU, MultiheadAttention); its float parameter
+            ``name`` is dropped.
         codebook: float32 values, at most 256.
         index: uint8 tensor shaped like the weight, indexing ``codebook``.
+        name: the weight's attribute (``weight``, ``weight_ih_l0``, ``in_proj_weight``, ...).
     """
-    if isinstance(type(mod).__dict__.get("weight"), property):  # already shared
-        mod.weight_codebook = codebook.detach().float().clone()
-        mod.weight_index = index.to(torch.uint8).clone()
+    names = frozenset(getattr(type(mod), "_shared_names", frozenset()))
+    if name in names:  # already shared
+        setattr(mod, f"{name}_codebook", codebook.detach().float().clone())
+        setattr(mod, f"{name}_index", index.to(torch.uint8).clone())
         return
-    shape = mod.weight.shape
+    shape = getattr(mod, name).shape
     if index.shape != shape:
         raise ValueError(f"index shape {tuple(index.shape)} does not match weight shape {tuple(shape)}")
-    del mod._parameters["weight"]
-    mod.__class__ = _shared_class(type(mod))
-    mod.register_buffer("weight_codebook", codebook.detach().float().clone())
-    mod.register_buffer("weight_index", index.to(torch.uint8).clone())
+    del mod._parameters[name]
+    mod.__class__ = _shared_class(getattr(type(mod), "_shared_base", type(mod)), names | {name})
+    mod.register_buffer(f"{name}_codebook", codebook.detach().float().clone())
+    mod.register_buffer(f"{name}_index", index.to(torch.uint8).clone())
 
 
-def is_shared(mod: nn.Module) -> bool:
-    return hasattr(mod, "weight_codebook") and hasattr(mod, "weight_index")
+def is_shared(mod: nn.Module, name: str = "weight") -> bool:
+    return name in getattr(type(mod), "_shared_names", ())
+
+
+def _locate(model: nn.Module, layer: str) -> tuple[nn.Module, str]:
+    """(module, weight attribute) of a layer name: a module's name for its ``weight``, else ``module.weight_ih_l0``."""
+    mods = dict(model.named_modules())
+    if layer in mods:
+        return mods[layer], "weight"
+    parent, _, attr = layer.rpartition(".")
+    return mods[parent], attr
 
 
 def codebooks(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Every weight-shared layer's ``(codebook float32 [k], indices uint8 [weight shape])``, by layer name.
+    """Every shared weight's ``(codebook float32 [k], indices uint8 [weight shape])``, by layer name.
 
-    ``codebook[indices.long()]`` is the layer's weight. Entropy coders (Huffman
-    packing) read the indices from here.
+    ``codebook[indices.long()]`` is the weight; the layer name is the module's for a
+    ``weight``, ``module.attr`` for others (``rnn.weight_hh_l0``). Entropy coders
+    (Huffman packing) read the indices from here.
     """
-    return {name: (m.weight_codebook, m.weight_index) for name, m in model.named_modules() if is_shared(m)}
+    out = {}
+    for mname, m in model.named_modules():
+        for n in sorted(getattr(type(m), "_shared_names", ())):
+            key = mname if n == "weight" else (f"{mname}.{n}" if mname else n)
+            out[key] = (getattr(m, f"{n}_codebook"), getattr(m, f"{n}_index"))
+    return out
 
 
 # ------------------------------------------------------------------- clustering
@@ -152,12 +175,13 @@ def pad(codebook: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def shareable_layers(model: nn.Module, default: int | str | None, patterns: dict[str, int | None]) -> dict[str, int | str]:
-    """{layer name: bits (or ``"auto"``)} of the layers to share; patterns must match some layer."""
-    layers = {name: mod for name, mod in model.named_modules() if isinstance(mod, SHAREABLE) or is_shared(mod)}
+    """{layer name: bits (or ``"auto"``)} of the weights to share (every prunable weight: ``masks.prunable``);
+    patterns must match some layer."""
+    layers = [layer_name(k) for k in prunable(model)]
     for pattern in patterns:
         if not any(fnmatch.fnmatchcase(n, pattern) for n in layers):
             raise ParamsError(
-                f"quantize.layer_bits: pattern {pattern!r} matches no Linear/Conv layer; layers are: {', '.join(layers)}"
+                f"quantize.layer_bits: pattern {pattern!r} matches no weight layer; layers are: {', '.join(layers)}"
             )
     chosen = {}
     for name in layers:
@@ -170,12 +194,11 @@ def shareable_layers(model: nn.Module, default: int | str | None, patterns: dict
 def _apply(model: nn.Module, layers: dict[str, int], seed: int,
            clusters: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] | None = None) -> nn.Module:
     """Share each listed layer at its bits; ``clusters`` holds (codebook, indices) already computed by (layer, bits)."""
-    mods = dict(model.named_modules())
     for name, bits in layers.items():
-        mod = mods[name]
+        mod, attr = _locate(model, name)
         found = (clusters or {}).get((name, bits))
-        codebook, index = found if found is not None else cluster(mod.weight, bits, seed)
-        share(mod, codebook, index)
+        codebook, index = found if found is not None else cluster(getattr(mod, attr), bits, seed)
+        share(mod, codebook, index, attr)
     return model
 
 
@@ -217,14 +240,14 @@ def choose_bits(
 
     base = quality(predict(model, X), y, splits.task)
     choices = sorted(set(choices))
-    mods = dict(model.named_modules())
-    nnz = {n: int(torch.count_nonzero(mods[n].weight)) for n in layers}
+    weights = {n: getattr(*_locate(model, n)) for n in layers}
+    nnz = {n: int(torch.count_nonzero(w)) for n, w in weights.items()}
     clusters: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
     measured: dict[str, dict[int, float]] = {}
     for name in layers:
         measured[name] = {}
         for b in choices:
-            clusters[(name, b)] = cluster(mods[name].weight, b, env.seed)
+            clusters[(name, b)] = cluster(weights[name], b, env.seed)
             measured[name][b] = loss(_apply(copy.deepcopy(model), {name: b}, env.seed, clusters))
     # Fewer bits never lose less: each width's loss is the worst at it or any wider width.
     worst = {n: {b: max(measured[n][c] for c in choices if c >= b) for b in choices} for n in layers}
@@ -280,18 +303,18 @@ def tie_hook(float_model: nn.Module, layers: dict[str, int]) -> Callable[[nn.Mod
     its weights, i.e. the centroid takes the averaged update of its members; a
     cluster whose value is exactly 0 (pruned weights) stays 0.
     """
-    mods = dict(float_model.named_modules())
     groups: dict[str, tuple[torch.Tensor, torch.Tensor, int]] = {}
     for name in layers:
-        w = mods[name].weight.detach()
+        mod, attr = _locate(float_model, name)
+        w = getattr(mod, attr).detach()
         values, inverse = torch.unique(w.flatten().cpu(), return_inverse=True)
         groups[name] = (inverse, values == 0, len(values))
 
     def hook(model: nn.Module) -> None:
-        live = dict(model.named_modules())
         with torch.no_grad():
             for name, (inverse, zero, k) in groups.items():
-                w = live[name].weight
+                mod, attr = _locate(model, name)
+                w = getattr(mod, attr)
                 inv = inverse.to(w.device)
                 flat = w.detach().flatten()
                 sums = torch.zeros(k, dtype=flat.dtype, device=w.device).index_add_(0, inv, flat)
@@ -338,22 +361,18 @@ def quantize_kmeans(model: nn.Module, header: ModelHeader, params: KMeansQuant, 
 
 
 def _rebuild(model: nn.Module, entry: dict[str, Any], header: ModelHeader | None) -> nn.Module:
-    mods = dict(model.named_modules())
     for name, bits in entry["layers"].items():
-        mod = mods[name]
-        k = 2**bits
-        share(mod, torch.zeros(k), torch.zeros(mod.weight.shape, dtype=torch.uint8))
+        mod, attr = _locate(model, name)
+        share(mod, torch.zeros(2**bits), torch.zeros(getattr(mod, attr).shape, dtype=torch.uint8), attr)
     return model
 
 
 def _to_float(qmodel: nn.Module, float_model: nn.Module) -> nn.Module:
     """Copy every weight (shared ones as ``codebook[index]``) into the float architecture."""
-    qmods = dict(qmodel.named_modules())
     with torch.no_grad():
-        for name, mod in float_model.named_modules():
-            q = qmods.get(name)
-            if q is not None and is_shared(q):
-                mod.weight.copy_(q.weight)
+        for name in codebooks(qmodel):
+            (q, attr), (mod, _) = _locate(qmodel, name), _locate(float_model, name)
+            getattr(mod, attr).copy_(getattr(q, attr))
         qstate = qmodel.state_dict()
         for name, p in [*float_model.named_parameters(), *float_model.named_buffers()]:
             if name in qstate:
@@ -367,19 +386,18 @@ def _reapply(model: nn.Module, entry: dict[str, Any], header: ModelHeader | None
     Weights tied by :func:`tie_hook` hold at most ``2**bits`` values and convert
     exactly; a layer that holds more (trained without the hook) is clustered again.
     """
-    mods = dict(model.named_modules())
     for name, bits in entry["layers"].items():
-        mod = mods[name]
-        if is_shared(mod):
+        mod, attr = _locate(model, name)
+        if is_shared(mod, attr):
             continue
-        w = mod.weight.detach().cpu()
+        w = getattr(mod, attr).detach().cpu()
         values, inverse = torch.unique(w.flatten(), return_inverse=True)
         if len(values) <= 2**bits:
             values, inverse = _zero_first(values, inverse)
-            share(mod, pad(values, bits), inverse.view(w.shape))
+            share(mod, pad(values, bits), inverse.view(w.shape), attr)
         else:
             codebook, index = cluster(w, bits)
-            share(mod, codebook, index)
+            share(mod, codebook, index, attr)
     return model
 
 

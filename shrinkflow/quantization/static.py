@@ -1,319 +1,559 @@
-"""Static int8 (calibrated) and quantization-aware training (QAT): int8 weights *and* activations.
+"""Static int8 (calibrated) and quantization-aware training (QAT), through ``torch.export`` + pt2e.
 
-Which PyTorch path, and why
----------------------------
-We use FX graph mode (``torch.ao.quantization.quantize_fx``: ``prepare_fx`` /
-``prepare_qat_fx`` → calibrate or train → ``convert_fx``), not the pt2e flow
-(``torchao.quantization.pt2e``) that torch 2.13 recommends instead:
+The maintained PyTorch path (torch.ao's eager and FX APIs are deprecated in torch
+2.13): ``torch.export.export`` captures the model as an ATen graph, so forwards
+that branch on their input's shape or rank (``if x.dim() == 2: ...``) work, where
+FX symbolic tracing failed; torchao's ``prepare_pt2e`` with ``X86InductorQuantizer``
+folds BatchNorm into the convolutions and inserts observers; calibration (or QAT
+fine-tuning) sets the ranges; ``convert_pt2e`` leaves int8 weights (``_frozen_param*``),
+their per-channel scales (``_scale_*``) and quantize/dequantize nodes around every
+Conv/Linear. ``torch.compile`` (inductor, weights frozen) turns that graph into
+oneDNN int8 kernels: the runtime a user deploys (``measure.compiled``). Run eagerly it is a
+reference implementation, slower than fp32.
 
-- a model converted by pt2e runs reference (dequantize → fp32 op → quantize)
-  ops in eager mode and is *slower* than fp32 unless ``torch.compile``d with
-  freezing, whereas FX convert produces modules backed by the fbgemm/x86 int8
-  kernels, fast eagerly;
-- FX's result fits the shrinkflow model file as it is: a plain state dict of int8
-  tensors plus scales/zero points (loaded with ``weights_only=True``), rebuilt on
-  load by replaying prepare → convert on the float architecture. A pt2e model
-  saves as a ``.pt2`` program whose activation scales are baked into the graph
-  code, so it cannot be rebuilt from the float model plus a state dict.
+Saving without pickling a graph
+-------------------------------
+A converted graph bakes its activation scales into the graph's code, and a pickled
+graph would run code on load. So the model file keeps only data: the graph's int8
+weights, scales and float biases (its state dict, ``weights_only``-safe), and the
+header entry keeps every per-tensor scale and zero point, by observer name
+(``activations``). Loading rebuilds the same graph: the float architecture from
+the spec, exported and prepared exactly as when it was quantized, every observer
+fixed to the stored values, converted, and the state dict loaded (``_rebuild``).
 
-torch 2.13 warns on every call that ``torch.ao.quantization`` is deprecated; the
-warning is filtered at the call sites below (``_compat.quiet_torch_ao``) for that reason.
+QAT fine-tunes the exported graph with fake-quantized weights and activations
+(``prepare_qat_pt2e``), copies the trained weights back into the float model, and
+converts that like ``static`` (calibrated activations): a QAT file is rebuilt
+exactly like a static one.
 
-What FX does for us: fuses Conv/Linear + ReLU into one int8 op, folds BatchNorm
-into the preceding convolution, inserts observers, and converts.
-
-Low bit widths: ``bits`` < 8 restricts the weight integer range (e.g. [-8, 7] for
-4 bits) while keeping int8 storage and kernels — the setting in which QAT's
-advantage over calibration shows. Activations are quint8 restricted to [0, 127]
-(what ``reduce_range`` did), so the x86 kernels cannot saturate on CPUs without VNNI.
-Weights use symmetric quantization (zero point 0), so pruned zeros stay exactly 0.
+The x86 int8 kernels of CPUs without VNNI saturate on 8-bit activations, so
+activations use the 7-bit range (``reduce_range``). Weights are symmetric (zero
+point 0), so pruned zeros stay exactly 0; ``bits`` < 8 narrows the weight integers
+while keeping int8 storage and kernels. LSTM/GRU layers have no int8 pattern in
+``X86InductorQuantizer`` (they would stay fp32): those models are refused, with
+``dynamic`` named instead.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import functools
+import warnings
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch import nn
-from torch.ao.quantization import QConfig, QConfigMapping
-from torch.ao.quantization.fake_quantize import FakeQuantize
-from torch.ao.quantization.observer import (
-    HistogramObserver,
-    MinMaxObserver,
-    MovingAverageMinMaxObserver,
-    MovingAveragePerChannelMinMaxObserver,
-    PerChannelMinMaxObserver,
-)
 
 from schemas.quantize import QATQuant, StaticQuant
-from shrinkflow.artifacts import ModelHeader, Transform, keep_constraints, register_transform
+from shrinkflow.artifacts import ModelHeader, Transform, register_transform
 from shrinkflow.errors import ParamsError
+from shrinkflow.masks import RECURRENT, masks_from_zeros
 from shrinkflow.methods import Env
+from shrinkflow.quantization import static_fx
+from shrinkflow.quantization.static_fx import weight_range
 from shrinkflow.quantization._compat import quiet_torch_ao
 
-#: The header transforms, named after the methods (both rebuild the same int8 modules).
+#: The header transforms, named after the methods (both rebuild the same int8 graph).
 KIND, QAT_KIND = "static", "qat"
+#: ``entry["graph"]`` of files written through pt2e (FX files of shrinkflow 0.1 have none).
+GRAPH = "pt2e"
+#: Name prefix pt2e gives its observer modules.
+_OBSERVER = "activation_post_process_"
 
 
-_quiet = quiet_torch_ao
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    with warnings.catch_warnings():
+        # torchao's CUDA-only extensions, export's notes on deprecated internals: nothing a user can act on.
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=r".*(_C_mxfp8|_C_cutlass|is an Enum subclass).*")
+        yield
 
 
-class PercentileObserver(HistogramObserver):
-    """Histogram observer whose range clips the ``percentile`` tails instead of minimising L2 error."""
+def _pt2e() -> Any:
+    """torchao's pt2e modules (imported on first use: importing torchao costs seconds)."""
+    import os
 
-    def __init__(self, *args: Any, percentile: float = 99.99, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.percentile = percentile
-
-    def _non_linear_param_search(self) -> tuple[torch.Tensor, torch.Tensor]:
-        bin_width = (self.max_val - self.min_val) / self.bins
-        cdf = torch.cumsum(self.histogram, dim=0)
-        total = cdf[-1]
-        tail = (100.0 - self.percentile) / 100.0
-        lo = int(torch.searchsorted(cdf, tail * total))
-        hi = int(torch.searchsorted(cdf, (1.0 - tail) * total))
-        return self.min_val + bin_width * lo, self.min_val + bin_width * min(hi + 1, self.bins)
-
-
-def weight_range(bits: int) -> tuple[int, int]:
-    """Signed integer range of ``bits``-bit weights: (-2**(bits-1), 2**(bits-1) - 1)."""
-    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-
-
-def qconfig(bits: int = 8, per_channel: bool = True, observer: str = "histogram", percentile: float = 99.99,
-            qat: bool = False) -> QConfig:
-    """The QConfig for x86: 8-bit activations (reduce_range), ``bits``-bit symmetric weights."""
-    qmin, qmax = weight_range(bits)
-    wq = dict(dtype=torch.qint8, quant_min=qmin, quant_max=qmax)
-    # 7-bit activation range (what reduce_range=True did): x86 int8 kernels on CPUs
-    # without VNNI saturate on the full 8-bit range.
-    act = dict(dtype=torch.quint8, quant_min=0, quant_max=127)
-    if qat:
-        w_obs = (
-            MovingAveragePerChannelMinMaxObserver.with_args(qscheme=torch.per_channel_symmetric, **wq)
-            if per_channel
-            else MovingAverageMinMaxObserver.with_args(qscheme=torch.per_tensor_symmetric, **wq)
-        )
-        return QConfig(
-            activation=FakeQuantize.with_args(observer=MovingAverageMinMaxObserver, **act),
-            weight=FakeQuantize.with_args(
-                observer=w_obs, quant_min=qmin, quant_max=qmax, dtype=torch.qint8,
-                qscheme=torch.per_channel_symmetric if per_channel else torch.per_tensor_symmetric,
-            ),
-        )
-    if observer == "minmax":
-        a_obs = MinMaxObserver.with_args(**act)
-    elif observer == "histogram":
-        a_obs = HistogramObserver.with_args(**act)
-    elif observer == "percentile":
-        a_obs = PercentileObserver.with_args(percentile=percentile, **act)
-    else:
-        raise ParamsError(f"quantize.observer: unknown {observer!r}; use minmax, histogram or percentile")
-    w_obs = (
-        PerChannelMinMaxObserver.with_args(qscheme=torch.per_channel_symmetric, **wq)
-        if per_channel
-        else MinMaxObserver.with_args(qscheme=torch.per_tensor_symmetric, **wq)
-    )
-    return QConfig(activation=a_obs, weight=w_obs)
-
-
-def _example(header_or_shape: ModelHeader | list[int]) -> tuple[torch.Tensor]:
-    shape = header_or_shape.input_shape if isinstance(header_or_shape, ModelHeader) else header_or_shape
-    return (torch.zeros(2, *shape),)
-
-
-def prepare(model: nn.Module, example: tuple[torch.Tensor], cfg: QConfig, qat: bool = False) -> nn.Module:
-    """Fuse, and insert observers (or fake-quantizers for QAT); returns a GraphModule."""
-    from torch.ao.quantization.quantize_fx import prepare_fx, prepare_qat_fx
-
-    mapping = QConfigMapping().set_global(cfg)
+    os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")  # CUDA-only extensions
     with _quiet():
-        try:
-            if qat:
-                return prepare_qat_fx(model.train(), mapping, example)
-            return prepare_fx(model.eval(), mapping, example)
-        except Exception as exc:  # symbolic tracing fails on data-dependent control flow
-            raise ParamsError(
-                f"quantize.method static/qat needs a model torch.fx can trace ({type(exc).__name__}: {exc}); "
-                "use quantize.method dynamic or kmeans for this model"
-            ) from exc
+        import torchao.quantization.pt2e as pt2e
+        import torchao.quantization.pt2e.quantize_pt2e as flow
+        import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
+    return pt2e, flow, xiq
 
 
-def convert(prepared: nn.Module) -> nn.Module:
-    """Replace observed modules by int8 ones (fbgemm/x86 kernels)."""
-    from torch.ao.quantization.quantize_fx import convert_fx
+def _percentile_observer() -> type:
+    pt2e, _, _ = _pt2e()
 
-    with _quiet():
-        return convert_fx(prepared.eval())
+    class PercentileObserver(pt2e.HistogramObserver):
+        """Histogram observer whose range clips the ``percentile`` tails instead of minimising L2 error."""
+
+        def __init__(self, *args: Any, percentile: float = 99.99, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.percentile = percentile
+
+        def _non_linear_param_search(self) -> tuple[torch.Tensor, torch.Tensor]:
+            bin_width = (self.max_val - self.min_val) / self.bins
+            cdf = torch.cumsum(self.histogram, dim=0)
+            tail = (100.0 - self.percentile) / 100.0
+            lo = int(torch.searchsorted(cdf, tail * cdf[-1]))
+            hi = int(torch.searchsorted(cdf, (1.0 - tail) * cdf[-1]))
+            return self.min_val + bin_width * lo, self.min_val + bin_width * min(hi + 1, self.bins)
+
+    return PercentileObserver
 
 
-def calibrate(prepared: nn.Module, X: torch.Tensor, batches: int, batch_size: int, seed: int = 0) -> None:
-    """Run ``batches`` random training batches through the observers."""
-    gen = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(X), generator=gen)
-    prepared.eval()
-    with torch.no_grad():
-        for b in range(batches):
-            idx = order[b * batch_size : (b + 1) * batch_size]
-            if len(idx) == 0:
-                break
-            prepared(X[idx])
+def quantizer(bits: int = 8, per_channel: bool = True, observer: str = "histogram", percentile: float = 99.99,
+              qat: bool = False) -> Any:
+    """``X86InductorQuantizer`` for 7-bit activations and ``bits``-bit symmetric weights.
 
-
-def clamp_to_bits(qmodel: nn.Module, bits: int) -> nn.Module:
-    """Clamp every int8 weight into the ``bits``-bit range, in place.
-
-    torch.ao's convert rounds weights with the observer's scale but clamps only to
-    the int8 range, so the extreme weight of a channel can land one step outside
-    [-2**(bits-1), 2**(bits-1) - 1] (e.g. +8 at 4 bits): 2**bits + 1 levels.
+    Args:
+        observer: how calibration picks activation ranges: ``minmax``, ``histogram``
+            (least L2 error) or ``percentile`` (clips ``percentile`` tails).
+        qat: fake-quantize (moving-average ranges) for quantization-aware training.
     """
-    if bits >= 8:
-        return qmodel
-    with quiet_torch_ao(), torch.no_grad():
-        for q in _int8_modules(qmodel).values():
-            w = q.weight()
-            if w.is_quantized and hasattr(q, "set_weight_bias"):
-                q.set_weight_bias(_on_grid(w.dequantize(), _grid(w), bits), q.bias())
-    return qmodel
+    pt2e, _, xiq = _pt2e()
+    from torchao.quantization.pt2e.quantizer import QuantizationConfig, QuantizationSpec
+
+    base = xiq.get_default_x86_inductor_quantization_config(is_qat=qat, reduce_range=True)
+    act = base.input_activation
+    if not qat:
+        obs = {
+            "minmax": pt2e.MinMaxObserver.with_args(eps=2**-12),
+            "histogram": pt2e.HistogramObserver.with_args(eps=2**-12),
+            "percentile": _percentile_observer().with_args(percentile=percentile, eps=2**-12),
+        }
+        if observer not in obs:
+            raise ParamsError(f"quantize.observer: unknown {observer!r}; use minmax, histogram or percentile")
+        act = dataclasses.replace(act, observer_or_fake_quant_ctr=obs[observer])
+    qmin, qmax = weight_range(bits)
+    if qat:
+        w_obs = pt2e.FusedMovingAvgObsFakeQuantize.with_args(
+            observer=pt2e.MovingAveragePerChannelMinMaxObserver if per_channel else pt2e.MovingAverageMinMaxObserver, eps=2**-12
+        )
+    else:
+        w_obs = (pt2e.PerChannelMinMaxObserver if per_channel else pt2e.MinMaxObserver).with_args(eps=2**-12)
+    weight = QuantizationSpec(
+        dtype=torch.int8, quant_min=qmin, quant_max=qmax,
+        qscheme=torch.per_channel_symmetric if per_channel else torch.per_tensor_symmetric,
+        ch_axis=0 if per_channel else None, is_dynamic=False, observer_or_fake_quant_ctr=w_obs,
+    )
+    return xiq.X86InductorQuantizer().set_global(QuantizationConfig(act, act, weight, None, qat))
 
 
-def _with_entry(header: ModelHeader, kind: str, params: StaticQuant | QATQuant, qmodel: nn.Module) -> ModelHeader:
-    # Activation ranges go into the header so that ``reapply`` (after distillation)
-    # re-quantizes with the calibrated ranges, without calibration data.
-    return header.with_transform(kind, bits=params.bits, per_channel=params.per_channel, activations=activation_qparams(qmodel))
+# ------------------------------------------------------------------ capture
+
+
+def refusal(model: nn.Module, method: str) -> str | None:
+    """Why ``static``/``qat`` cannot quantize ``model`` (None when it can): recurrent layers, which
+    pt2e's x86 quantizer leaves in fp32."""
+    rnns = [f"{n or 'model'} ({type(m).__name__})" for n, m in model.named_modules() if isinstance(m, RECURRENT)]
+    if rnns:
+        return (
+            f"quantize.method {method}: {', '.join(rnns)}: recurrent layers have no static int8 kernel in pt2e "
+            "(X86InductorQuantizer quantizes Conv/Linear, so their weights would stay fp32); use quantize.method "
+            "dynamic (int8 LSTM/GRU and Linear weights) or kmeans"
+        )
+    return None
+
+
+def capture(model: nn.Module, example: torch.Tensor, method: str) -> Any:
+    """``torch.export`` of ``model`` with a dynamic batch dimension (a GraphModule); ParamsError naming the method on failure."""
+    why = refusal(model, method)
+    if why:
+        raise ParamsError(why)
+    batch = torch.export.Dim("batch", min=1, max=2**20)
+    try:
+        with _quiet():
+            return torch.export.export(model, (example,), dynamic_shapes=({0: batch},)).module()
+    except Exception as exc:  # export names the construct it cannot capture
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise ParamsError(
+            f"quantize.method {method} needs a model torch.export can capture; it failed with {type(exc).__name__}: "
+            f"{first}. Use quantize.method dynamic or kmeans for this model"
+        ) from exc
+
+
+def _batchnorm_folds(gm: Any) -> dict[str, str]:
+    """{conv weight name: BatchNorm module name} of every Conv → BatchNorm pair prepare_pt2e folds."""
+    out = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and "batch_norm" in str(node.target):
+            conv = node.args[0]
+            if getattr(conv, "op", None) == "call_function" and "conv" in str(conv.target):
+                w, bn_w = conv.args[1], node.args[1]
+                if getattr(w, "op", None) == "get_attr" and getattr(bn_w, "op", None) == "get_attr":
+                    out[str(w.target)] = str(bn_w.target).removesuffix(".weight")
+    return out
+
+
+def _weight_ops(prepared: Any) -> dict[str, str]:
+    """{op node name: float weight name} of every observed weight (get_attr → observer → op)."""
+    out = {}
+    for node in prepared.graph.nodes:
+        if node.op != "call_function" or len(node.args) < 2:
+            continue
+        obs = node.args[1]
+        if getattr(obs, "op", None) == "call_module" and str(obs.target).startswith(_OBSERVER):
+            src = obs.args[0]
+            if getattr(src, "op", None) == "get_attr":
+                out[node.name] = str(src.target)
+    return out
+
+
+def _frozen_weights(converted: Any, ops: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """{int8 constant: {"param": float weight name, "scale", "zero_point": buffer name or number, "axis"}}."""
+    out = {}
+    for node in converted.graph.nodes:
+        if node.name not in ops or len(node.args) < 2:
+            continue
+        deq = node.args[1]
+        if getattr(deq, "op", None) != "call_function" or "dequantize" not in str(deq.target):
+            continue
+        src, scale, zp = deq.args[0], deq.args[1], deq.args[2]
+        per_channel = "per_channel" in str(deq.target)
+        out[str(src.target)] = {
+            "param": ops[node.name],
+            "scale": str(scale.target) if per_channel else float(scale),
+            "zero_point": str(zp.target) if per_channel else int(zp),
+            "axis": int(deq.args[3]) if per_channel else None,
+        }
+    return out
+
+
+def _drop_unused(gm: Any, weights: dict[str, dict[str, Any]]) -> None:
+    """Delete parameters and buffers no node reads (convert keeps the float weights beside their
+    int8 copies), and keep the weights' zero points out of the state dict: they are 0 (symmetric
+    weights), and a rebuilt graph computes them again."""
+    used = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
+    for name in [n for n, _ in [*gm.named_parameters(), *gm.named_buffers()] if n not in used]:
+        owner, _, attr = name.rpartition(".")
+        mod = gm.get_submodule(owner) if owner else gm
+        if attr in mod._parameters:
+            del mod._parameters[attr]
+        elif attr in mod._buffers:
+            del mod._buffers[attr]
+    for spec in weights.values():
+        if spec["axis"] is not None:
+            gm.register_buffer(spec["zero_point"], gm.get_buffer(spec["zero_point"]), persistent=False)
+
+
+class QuantizedGraph(nn.Module):
+    """A pt2e-converted int8 graph of a float model, and where its int8 weights came from.
+
+    ``graph`` holds int8 weights with quantize/dequantize nodes (run it with
+    ``measure.compiled`` for int8 kernels); ``weights`` maps each int8 constant to its float
+    weight, ``folds`` each folded BatchNorm to its convolution, so the float form
+    (``to_float``) and the packer can read the int8 weights by the float model's names.
+    """
+
+    def __init__(self, graph: nn.Module, weights: dict[str, dict[str, Any]], folds: dict[str, str]) -> None:
+        super().__init__()
+        self.graph = graph
+        self.weights = weights
+        self.folds = folds
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.graph(x)
+
+    def train(self, mode: bool = True) -> QuantizedGraph:
+        # An int8 graph computes the same in both modes (BatchNorm is folded); exported graphs refuse .train().
+        self.training = mode
+        return self
+
+    def _qparams(self, spec: dict[str, Any]) -> tuple[Any, Any]:
+        if spec["axis"] is None:
+            return spec["scale"], spec["zero_point"]
+        return self.graph.get_buffer(spec["scale"]), self.graph.get_buffer(spec["zero_point"])
+
+    def quantized_weights(self) -> dict[str, torch.Tensor]:
+        """The int8 weights as torch quantized tensors, by the float model's weight names."""
+        out = {}
+        with quiet_torch_ao():
+            for const, spec in self.weights.items():
+                ints = self.graph.get_buffer(const)
+                scale, zp = self._qparams(spec)
+                if spec["axis"] is None:
+                    out[spec["param"]] = torch._make_per_tensor_quantized_tensor(ints, float(scale), int(zp))
+                else:
+                    out[spec["param"]] = torch._make_per_channel_quantized_tensor(ints, scale.double(), zp.long(), spec["axis"])
+        return out
+
+    def set_quantized_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Replace int8 weights (and per-channel scales) from quantized tensors named like ``quantized_weights``."""
+        by_param = {spec["param"]: (const, spec) for const, spec in self.weights.items()}
+        with torch.no_grad():
+            for name, qw in weights.items():
+                const, spec = by_param[name]
+                self.graph.get_buffer(const).copy_(qw.int_repr())
+                if spec["axis"] is not None:
+                    self.graph.get_buffer(spec["scale"]).copy_(qw.q_per_channel_scales())
+                    self.graph.get_buffer(spec["zero_point"]).copy_(qw.q_per_channel_zero_points())
+
+
+def _quantize(model: nn.Module, example: torch.Tensor, qz: Any, method: str,
+              observe: Callable[[nn.Module], None]) -> tuple[QuantizedGraph, dict[str, Any]]:
+    """Export, prepare, ``observe`` (calibrate or fix the ranges), convert; return the int8 graph and the
+    per-tensor qparams of every observer (what the header needs to rebuild it)."""
+    _, flow, _ = _pt2e()
+    gm = capture(model.eval(), example, method)
+    folds = _batchnorm_folds(gm)
+    with _quiet():
+        prepared = flow.prepare_pt2e(gm, qz)
+        ops = _weight_ops(prepared)
+        observe(prepared)
+        qparams = {}
+        for name, obs in prepared.named_modules():
+            if name.startswith(_OBSERVER) and obs.qscheme in (torch.per_tensor_affine, torch.per_tensor_symmetric):
+                scale, zp = obs.calculate_qparams()
+                qparams[name] = [float(scale.reshape(-1)[0]), int(zp.reshape(-1)[0])]
+        converted = flow.convert_pt2e(prepared)
+    weights = _frozen_weights(converted, ops)
+    _drop_unused(converted, weights)
+    return QuantizedGraph(converted, weights, folds), qparams
+
+
+def calibrate(X: torch.Tensor, batches: int, batch_size: int, seed: int = 0) -> Callable[[nn.Module], None]:
+    """An ``observe`` step: ``batches`` random training batches through the observers."""
+
+    def observe(prepared: nn.Module) -> None:
+        order = torch.randperm(len(X), generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            for b in range(batches):
+                idx = order[b * batch_size : (b + 1) * batch_size]
+                if len(idx) == 0:
+                    break
+                prepared(X[idx])
+
+    return observe
+
+
+def _weight_observers(prepared: nn.Module) -> dict[str, nn.Module]:
+    """{float weight name: the observer (or fake-quantizer) of that weight} in a prepared graph.
+
+    The observed value is the weight itself, or (QAT, Conv + BatchNorm) the weight
+    times BatchNorm's scale, ``mul(weight, ...)``.
+    """
+    out = {}
+    for node in prepared.graph.nodes:
+        if node.op == "call_module" and str(node.target).startswith(_OBSERVER) and node.args:
+            src = node.args[0]
+            if getattr(src, "op", None) == "call_function" and "mul" in str(src.target) and src.args:
+                src = src.args[0]
+            if getattr(src, "op", None) == "get_attr":
+                out[str(src.target)] = prepared.get_submodule(str(node.target))
+    return out
+
+
+def with_weight_qparams(observe: Callable[[nn.Module], None], qparams: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> Callable[[nn.Module], None]:
+    """``observe``, then the weights named in ``qparams`` take those (scale, zero point) (QAT's learned grids)."""
+
+    def run(prepared: nn.Module) -> None:
+        observe(prepared)
+        for name, obs in _weight_observers(prepared).items():
+            if name in qparams:
+                scale, zp = qparams[name]
+                obs.calculate_qparams = lambda s=scale, z=zp: (s, z)
+
+    return run
+
+
+def fixed(qparams: dict[str, list[float]], example: torch.Tensor) -> Callable[[nn.Module], None]:
+    """An ``observe`` step that sets every per-tensor observer to stored (scale, zero point).
+
+    Per-channel (weight) observers see the weights once, so their scales are the
+    weights' own; the file's or the stored grids replace them afterwards.
+    """
+
+    def observe(prepared: nn.Module) -> None:
+        with torch.no_grad():
+            prepared(example)
+        for name, obs in prepared.named_modules():
+            if name.startswith(_OBSERVER) and obs.qscheme in (torch.per_tensor_affine, torch.per_tensor_symmetric):
+                if name not in qparams:
+                    raise ValueError(f"observer {name} has no stored scale: the graph differs from the one quantized")
+                scale, zp = qparams[name]
+                obs.calculate_qparams = lambda s=scale, z=zp: (torch.tensor([s]), torch.tensor([z], dtype=torch.int32))
+
+    return observe
+
+
+def _entry(kind: str, params: StaticQuant | QATQuant, qparams: dict[str, Any]) -> dict[str, Any]:
+    # The per-tensor scales go into the header: rebuilding the graph on load, and
+    # ``reapply`` after distillation, need them without calibration data.
+    return {"kind": kind, "graph": GRAPH, "bits": params.bits, "per_channel": params.per_channel, "activations": qparams}
 
 
 def quantize_static(model: nn.Module, header: ModelHeader, params: StaticQuant, env: Env) -> tuple[nn.Module, ModelHeader]:
-    """``static``: calibrated post-training int8, weights and activations (``model`` is not modified)."""
+    """``static``: calibrated post-training int8 weights and activations (``model`` is not modified)."""
+    why = refusal(model, "static")
+    if why:
+        raise ParamsError(why)
     X, _ = env.data("quantize.method static (calibration)").tensors("train")
-    cfg = qconfig(params.bits, params.per_channel, params.observer, params.percentile)
-    prepared = prepare(copy.deepcopy(model), _example(list(X.shape[1:])), cfg)
-    calibrate(prepared, X, params.calibration_batches, params.calibration_batch_size, env.seed)
-    qmodel = clamp_to_bits(convert(prepared), params.bits)
-    return qmodel, _with_entry(header, KIND, params, qmodel)
+    qz = quantizer(params.bits, params.per_channel, params.observer, params.percentile)
+    observe = calibrate(X, params.calibration_batches, params.calibration_batch_size, env.seed)
+    qmodel, qparams = _quantize(copy.deepcopy(model), X[:2], qz, "static", observe)
+    return qmodel, header.with_transform(**_entry(KIND, params, qparams))
+
+
+def _zeros_kept(float_model: nn.Module, header: ModelHeader) -> Callable[[nn.Module], None] | None:
+    """An ``after_step`` hook keeping a pruned model's zeros in the exported graph's parameters (same names)."""
+    if not header.masked:
+        return None
+    masks = masks_from_zeros(float_model)
+
+    def hook(gm: nn.Module) -> None:
+        params = dict(gm.named_parameters())
+        with torch.no_grad():
+            for k, m in masks.items():
+                if k in params:
+                    params[k].mul_(m.to(params[k].device))
+
+    return hook
 
 
 def quantize_qat(model: nn.Module, header: ModelHeader, params: QATQuant, env: Env) -> tuple[nn.Module, ModelHeader]:
-    """``qat``: fine-tune with fake-quantized weights and activations, then convert to int8."""
+    """``qat``: fine-tune with fake-quantized weights and activations, then convert to int8 as ``static`` does."""
+    why = refusal(model, "qat")
+    if why:
+        raise ParamsError(why)
+    pt2e, flow, _ = _pt2e()
     X, _ = env.data("quantize.method qat").tensors("train")
-    cfg = qconfig(params.bits, params.per_channel, qat=True)
-    prepared = prepare(copy.deepcopy(model), _example(list(X.shape[1:])), cfg, qat=True)
-    # Fake-quantized weights of zero stay zero (symmetric), but training would move
-    # the float zeros: keep them pruned.
-    after_step = keep_constraints(prepared, header)
+    trained = copy.deepcopy(model)
+    gm = capture(copy.deepcopy(model).train(), X[:2], "qat")
+    with _quiet():
+        prepared = flow.prepare_qat_pt2e(gm, quantizer(params.bits, params.per_channel, qat=True))
+    # An exported graph ignores .train()/.eval() unless told how to switch BatchNorm and dropout.
+    pt2e.allow_exported_model_train_eval(prepared)
     # fake-quant observers are placed on CPU by prepare
     finetune = dataclasses.replace(env, device=torch.device("cpu")).finetuner(params.finetune, "quantize.finetune")
     with _quiet():
-        finetune(prepared, params.finetune.epochs, after_step)
-    qmodel = clamp_to_bits(convert(prepared), params.bits)
-    return qmodel, _with_entry(header, QAT_KIND, params, qmodel)
+        finetune(prepared, params.finetune.epochs, _zeros_kept(trained, header))
+    # The graph's parameters and buffers keep the float model's names: copy the trained ones back.
+    own = trained.state_dict()
+    trained.load_state_dict({k: v for k, v in prepared.state_dict().items() if k in own and v.shape == own[k].shape}, strict=False)
+    # The weights keep the grids they were trained on (QAT's conv-BN weight is the folded one, as
+    # static's); activation ranges are calibrated again.
+    learned = {k: tuple(t.detach().clone() for t in fq.calculate_qparams()) for k, fq in _weight_observers(prepared).items()}
+    calib = StaticQuant()
+    observe = with_weight_qparams(calibrate(X, calib.calibration_batches, calib.calibration_batch_size, env.seed), learned)
+    qz = quantizer(params.bits, params.per_channel, "minmax")
+    qmodel, qparams = _quantize(trained, X[:2], qz, "qat", observe)
+    return qmodel, header.with_transform(**_entry(QAT_KIND, params, qparams))
 
 
 # ------------------------------------------------------------ transform hooks
 
 
+def _example(header: ModelHeader) -> torch.Tensor:
+    return torch.zeros(2, *header.input_shape)
+
+
 def _rebuild(model: nn.Module, entry: dict[str, Any], header: ModelHeader) -> nn.Module:
-    # Observers do not matter here: the file's scales and int8 weights replace them.
-    cfg = qconfig(entry["bits"], entry["per_channel"], "minmax")
-    return convert(prepare(model, _example(header), cfg))
-
-
-def _int8_modules(qmodel: nn.Module) -> dict[str, nn.Module]:
-    return {name: m for name, m in qmodel.named_modules() if callable(getattr(m, "weight", None))}
+    if entry.get("graph") != GRAPH:
+        return static_fx.rebuild(model, entry, header)
+    qz = quantizer(entry["bits"], entry["per_channel"], "minmax")
+    ex = _example(header)
+    qmodel, _ = _quantize(model, ex, qz, entry["kind"], fixed(entry["activations"], ex))
+    return qmodel
 
 
 #: Attribute of a float model from ``_to_float`` holding the int8 weight grids it came from.
-_GRIDS = "_shrinkflow_int8_weight_grids"
+_GRIDS = "_shrinkflow_pt2e_weight_grids"
 
 
-def _grid(w: torch.Tensor) -> dict[str, Any]:
-    if w.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
-        return {"scale": w.q_per_channel_scales().clone(), "zero_point": w.q_per_channel_zero_points().clone(),
-                "axis": w.q_per_channel_axis()}
-    return {"scale": w.q_scale(), "zero_point": w.q_zero_point(), "axis": None}
+@functools.cache
+def _folded_class(base: type[nn.Module]) -> type[nn.Module]:
+    """``base`` (a BatchNorm class) that stays in eval mode: a BatchNorm folded into its convolution.
 
+    Training the float form (distillation of a compressed student) must not turn it back into
+    a batch-statistics normalisation, which the next fold would bake into the weights.
+    """
 
-def _on_grid(w: torch.Tensor, grid: dict[str, Any], bits: int) -> torch.Tensor:
-    """``w`` quantized onto a stored grid, as a qint8 tensor; integers clamped to ``bits``."""
-    qmin, qmax = weight_range(bits)
-    if grid["axis"] is None:
-        q = torch.clamp(torch.round(w / grid["scale"]) + grid["zero_point"], qmin, qmax).to(torch.int8)
-        return torch._make_per_tensor_quantized_tensor(q, grid["scale"], grid["zero_point"])
-    shape = [1] * w.dim()
-    shape[grid["axis"]] = -1
-    scale = grid["scale"].reshape(shape).to(w.dtype)
-    zp = grid["zero_point"].reshape(shape).to(w.dtype)
-    q = torch.clamp(torch.round(w / scale) + zp, qmin, qmax).to(torch.int8)
-    return torch._make_per_channel_quantized_tensor(q, grid["scale"], grid["zero_point"], grid["axis"])
+    def train(self: nn.Module, mode: bool = True) -> nn.Module:
+        return base.train(self, False)
+
+    return type(f"Folded{base.__name__}", (base,), {"train": train, "__module__": __name__})
 
 
 def _to_float(qmodel: nn.Module, float_model: nn.Module) -> nn.Module:
     """Copy the dequantized int8 weights (and float biases) into the float architecture.
 
-    FX keeps module names (a fused Linear+ReLU is named after the Linear), so names
-    match. BatchNorm that FX folded into a convolution is set to the identity, since
-    the copied weights already hold it. The weight grids (scales) are kept on the
-    float model so that ``reapply`` puts trained weights back on the same grids.
+    BatchNorm folded into a convolution becomes the identity (the weights hold it), kept
+    in eval mode (``_folded_class``);
+    a bias the fold created for a bias-less convolution goes to that BatchNorm's
+    shift. Every int8 weight's grid (scales) stays on the float model so that
+    ``reapply`` puts trained weights back on the same grid.
     """
-    qmods = _int8_modules(qmodel)
-    grids: dict[str, dict[str, Any]] = {}
+    if not isinstance(qmodel, QuantizedGraph):
+        return static_fx.to_float(qmodel, float_model)
+    state = qmodel.graph.state_dict()
+    own = float_model.state_dict()
+    grids = {}
     with torch.no_grad():
-        for name, mod in float_model.named_modules():
-            if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.track_running_stats:
-                mod.running_mean.zero_()
-                mod.running_var.fill_(1.0 - mod.eps)
-                if mod.affine:
-                    mod.weight.fill_(1.0)
-                    mod.bias.zero_()
-            q = qmods.get(name)
-            if q is None or not hasattr(mod, "weight"):
-                continue
-            w = q.weight()
-            if w.is_quantized:
-                grids[name] = _grid(w)
-            mod.weight.copy_(w.dequantize() if w.is_quantized else w)
-            b = q.bias() if callable(getattr(q, "bias", None)) else getattr(q, "bias", None)
-            if b is not None and mod.bias is not None:
-                mod.bias.copy_(b)
+        for bn_name in qmodel.folds.values():
+            bn = float_model.get_submodule(bn_name)
+            bn.__class__ = _folded_class(type(bn))
+            bn.eval()
+            bn.running_mean.zero_()
+            bn.running_var.fill_(1.0 - bn.eps)
+            if bn.affine:
+                bn.weight.fill_(1.0)
+                bn.bias.zero_()
+        for conv_w, bn_name in qmodel.folds.items():
+            made = f"{conv_w}_bias"  # the bias pt2e adds to a bias-less convolution
+            if made in state:
+                float_model.get_submodule(bn_name).bias.copy_(state[made])
+        for name, qw in qmodel.quantized_weights().items():
+            own[name].copy_(qw.dequantize())
+            grids[name] = qw
+        for k, v in state.items():
+            if k in own and k not in grids and own[k].shape == v.shape:
+                own[k].copy_(v)
     float_model.__dict__[_GRIDS] = grids
     return float_model
-
-
-def activation_qparams(qmodel: nn.Module) -> dict[str, float]:
-    """The activation scales / zero points of a converted model (scalar entries of its state dict)."""
-    out = {}
-    for key, v in qmodel.state_dict().items():
-        if isinstance(v, torch.Tensor) and not v.is_quantized and v.numel() == 1 and (
-            key.endswith(("scale", "zero_point")) or "_scale_" in key or "_zero_point_" in key
-        ):
-            out[key] = v.item()
-    return out
 
 
 def _reapply(model: nn.Module, entry: dict[str, Any], header: ModelHeader) -> nn.Module:
     """int8 again after float training, on the same quantization as before.
 
-    Activations keep their calibrated ranges (stored in the entry). Weights go back
-    onto the grids they had when ``to_float`` made this float model (so an
-    untrained round trip is exact); weights without a stored grid are quantized
-    with fresh per-channel ranges.
+    Activations keep their stored ranges; weights go back onto the grids they had
+    when ``to_float`` made this float model (so an untrained round trip is exact),
+    others get fresh per-channel ranges.
     """
+    if entry.get("graph") != GRAPH:
+        return static_fx.reapply(model, entry, header)
     grids = model.__dict__.get(_GRIDS, {})
-    floats = {n: (m.weight.detach().clone(), m.bias.detach().clone() if getattr(m, "bias", None) is not None else None)
-              for n, m in model.named_modules() if n in grids}
+    floats = {k: v.detach().clone() for k, v in model.state_dict().items() if k in grids}
     qmodel = _rebuild(model, entry, header)
-    state = qmodel.state_dict()
-    for key, value in entry.get("activations", {}).items():
-        state[key] = torch.tensor(value, dtype=state[key].dtype)
-    qmodel.load_state_dict(state)
-    qmods = _int8_modules(qmodel)
+    qmin, qmax = weight_range(entry["bits"])
     with quiet_torch_ao():
-        for name, (w, b) in floats.items():
-            if name in qmods and hasattr(qmods[name], "set_weight_bias"):
-                qmods[name].set_weight_bias(_on_grid(w, grids[name], entry["bits"]), b)
+        on_grid = _on_grids(floats, grids, qmin, qmax)
+    qmodel.set_quantized_weights(on_grid)
     return qmodel
+
+
+def _on_grids(floats: dict[str, torch.Tensor], grids: dict[str, torch.Tensor], qmin: int, qmax: int) -> dict[str, torch.Tensor]:
+    """Each float weight quantized onto its stored grid (the scales of a quantized tensor)."""
+    on_grid = {}
+    for name, grid in grids.items():
+        w = floats[name]
+        if grid.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+            shape = [1] * w.dim()
+            shape[grid.q_per_channel_axis()] = -1
+            scale = grid.q_per_channel_scales().reshape(shape).to(w.dtype)
+            ints = torch.clamp(torch.round(w / scale), qmin, qmax).to(torch.int8)
+            on_grid[name] = torch._make_per_channel_quantized_tensor(
+                ints, grid.q_per_channel_scales(), grid.q_per_channel_zero_points(), grid.q_per_channel_axis()
+            )
+        else:
+            ints = torch.clamp(torch.round(w / grid.q_scale()), qmin, qmax).to(torch.int8)
+            on_grid[name] = torch._make_per_tensor_quantized_tensor(ints, grid.q_scale(), grid.q_zero_point())
+    return on_grid
 
 
 for _kind in (KIND, QAT_KIND):
