@@ -38,11 +38,18 @@ from schemas.paths import StagePaths  # noqa: E402
 from shrinkflow.config import apply_to_params_file  # noqa: E402
 
 
-def env() -> dict[str, str]:
-    """The environment the stages run in: this venv first on PATH, analytics off, no Prefect server."""
+def env(workspace: Path | None = None) -> dict[str, str]:
+    """The environment the stages run in: this venv first on PATH, analytics off, no Prefect server.
+
+    With ``workspace``, the clone's own code comes first on PYTHONPATH: the venv's editable
+    install points at this checkout, whose working tree may differ from the committed HEAD
+    the clone holds.
+    """
     out = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", DVC_NO_ANALYTICS="1",
                PREFECT_SERVER_ANALYTICS_ENABLED="false", TORCHAO_FORCE_SKIP_LOADING_SO_FILES="1")
     out.pop("PREFECT_API_URL", None)
+    if workspace is not None:
+        out["PYTHONPATH"] = os.pathsep.join(p for p in (str(workspace), os.environ.get("PYTHONPATH", "")) if p)
     for key, value in (("GIT_AUTHOR_NAME", "shrinkflow bench"), ("GIT_AUTHOR_EMAIL", "bench@shrinkflow.invalid")):
         out.setdefault(key, value)
         out.setdefault(key.replace("AUTHOR", "COMMITTER"), value)
@@ -96,7 +103,7 @@ class PresetRun:
 
     def cli(self, *args: str) -> str:
         """Run a ``shrinkflow`` command in the workspace (e.g. ``pack``); its stdout."""
-        return subprocess.run([str(BIN / "shrinkflow"), *args], cwd=self.workspace, env=env(), check=True,
+        return subprocess.run([str(BIN / "shrinkflow"), *args], cwd=self.workspace, env=env(self.workspace), check=True,
                               capture_output=True, text=True).stdout
 
     def summary(self) -> dict[str, Any]:
@@ -118,7 +125,7 @@ def run_preset(preset: str, overrides: list[str], workdir: Path, *, cache_dir: P
     apply_to_params_file(ws / "params.yaml", ws / preset, overrides)
     start = time.perf_counter()
     with open(ws / "repro.log", "w") as log:
-        proc = subprocess.run([str(BIN / "dvc"), "repro"], cwd=ws, env=env(), stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.run([str(BIN / "dvc"), "repro"], cwd=ws, env=env(ws), stdout=log, stderr=subprocess.STDOUT)
     seconds = time.perf_counter() - start
     text = (ws / "repro.log").read_text()
     if proc.returncode != 0:
