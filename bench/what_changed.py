@@ -1,6 +1,7 @@
 """What compression changed on MNIST (LeNet-300-100): which classes pay, how many inputs flip, calibration.
 
     .venv/bin/python bench/what_changed.py --mnist PATH/TO/mnist [--sparsities 0.9 0.98] [--seeds 0 1 2]
+    .venv/bin/python bench/what_changed.py --report-only     # tables + pictures from the saved results
 
 For each seed, in a fresh clone of this repository's HEAD (as a new user would), runs the
 product on the preset::
@@ -14,7 +15,8 @@ stage measured from the variants' files on the official 10,000-image test split.
 here computes a figure itself but the mean and spread over seeds.
 
 Prints markdown tables (per-class accuracy change of each variant, flips in each
-direction, ECE after each stage), writes bench/results/what_changed_mnist.json, and
+direction, ECE after each stage), writes bench/results/what_changed_mnist.json (after
+every seed, so a long run can be reported from the seeds it finished), and
 draws the per-class picture (``--picture``, default docs/images/what-changed-mnist.png)
 plus, from the first seed's highest-sparsity run, its student flip grid
 (docs/images/what-changed-mnist-flips.png).
@@ -75,7 +77,8 @@ def spread(values: list[float]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--mnist", type=Path, required=True, help="folder with the four MNIST IDX .gz files")
+    ap.add_argument("--mnist", type=Path, help="folder with the four MNIST IDX .gz files")
+    ap.add_argument("--report-only", action="store_true", help="no runs: report the seeds saved in --out")
     ap.add_argument("--sparsities", type=float, nargs="+", default=[0.9, 0.98])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--out", type=Path, default=REPO / "bench/results/what_changed_mnist.json")
@@ -84,16 +87,32 @@ def main() -> None:
     env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", DVC_NO_ANALYTICS="1",
                PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120")
     env.pop("PREFECT_API_URL", None)
-    mnist = args.mnist.resolve()
     flips_png = args.picture.with_name(args.picture.stem + "-flips.png")
     args.picture.parent.mkdir(parents=True, exist_ok=True)
-    runs = {seed: one_seed(seed, args.sparsities, mnist, env, flips_png if seed == args.seeds[0] else None) for seed in args.seeds}
 
     import torch
 
     from shrinkflow.measure import cpu_model
 
     host = {"cpu": cpu_model(), "cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version()}
+    command = "shrinkflow run --params " + PRESET + " --set data.path=PATH/TO/mnist --set seed=SEED --set prune.sparsity=S"
+    if args.report_only:
+        saved = json.loads(args.out.read_text())
+        host, args.sparsities = saved["host"], saved["sparsities"]
+        runs = {int(k): v for k, v in saved["runs"].items()}
+        args.seeds = sorted(runs)
+    else:
+        if args.mnist is None:
+            ap.error("--mnist is required unless --report-only")
+        runs = {}
+        for seed in args.seeds:
+            runs[seed] = one_seed(seed, args.sparsities, args.mnist.resolve(), env, flips_png if seed == args.seeds[0] else None)
+            result = {"host": host, "seeds": sorted(runs), "sparsities": args.sparsities, "preset": PRESET, "command": command,
+                      "runs": {str(k): v for k, v in runs.items()}}
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(result, indent=1) + "\n")
+        args.seeds = sorted(runs)
+
     sp = [f"{s:g}" for s in args.sparsities]
     print(f"\nhost: {host}; seeds {args.seeds}; mean ± sample std over seeds where more than one\n")
 
@@ -130,15 +149,6 @@ def main() -> None:
         t_acc = statistics.mean(100 * runs[k][sp[0]]["changes"]["variants"]["teacher"]["per_class"][c]["teacher_accuracy"] for k in args.seeds)
         cells = [spread([row[c] for row in per_class[s][v]]) for s in sp for v in ("pruned", "student")]
         print(f"| {c} | {first[c]['n']:,} | {t_acc:.2f} | " + " | ".join(cells) + " |")
-
-    result = {"host": host, "seeds": args.seeds, "sparsities": args.sparsities, "preset": PRESET,
-              "command": "shrinkflow run --params " + PRESET + " --set data.path=PATH/TO/mnist --set seed=SEED --set prune.sparsity=S",
-              "runs": {str(k): v for k, v in runs.items()}}
-    for k in result["runs"].values():  # the per-input predictions live in the project, not here
-        for r in k.values():
-            r["changes"].pop("images", None)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
 
     import matplotlib
 
