@@ -30,6 +30,14 @@ class _DistillBase(Section):
             "teacher term alone and alpha is not used."
         ),
     )
+    transfer_limit: PositiveInt | None = Field(
+        None,
+        description=(
+            "Distil on only the first N examples of the training split (the transfer set; Hinton et al. 2015 "
+            "used 3 % of MNIST to show what soft targets carry); null = the whole training split. The teacher "
+            "was trained on all of it."
+        ),
+    )
     epochs: int = Field(3, ge=0, description="Distillation epochs.")
     batch_size: PositiveInt = Field(64, description="Mini-batch size.")
     optimizer: Optimizer = Field(default_factory=lambda: Optimizer(lr=0.01), description="Optimizer for distillation.")

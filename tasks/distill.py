@@ -7,6 +7,8 @@ model with recovered accuracy. A model spec trains a new student from the teache
 
 from __future__ import annotations
 
+import dataclasses
+
 from schemas.distill import DistillParams
 from schemas.outputs import DistillOutput
 from shrinkflow.artifacts import ModelHeader, save_model
@@ -39,6 +41,12 @@ def run(params: DistillParams, ctx: Context) -> DistillOutput:
             except InputError as exc:
                 raise type(exc)(f"distill.student: {exc}") from None
         with method_env(STAGE, ctx, splits, teacher=True, curves=True) as env:
+            if params.transfer_limit is not None and params.transfer_limit < len(splits.X_train):
+                n = params.transfer_limit
+                env = dataclasses.replace(
+                    env, splits=dataclasses.replace(splits, X_train=splits.X_train[:n], y_train=splits.y_train[:n]),
+                    teacher_outputs=env.teacher_outputs[:n],
+                )
             student, header = distill(student, header, params, env)
         save_model(student, path, header)
     else:

@@ -378,3 +378,34 @@ def test_two_passes_compress_a_new_student(tmp_path):
     assert final.params == first["distill"].model.params and final.format == second["quantize"].model.format
     assert final.size_bytes < first["distill"].model.size_bytes
     assert final.nonzero_params < 0.7 * final.params
+
+
+def test_transfer_limit_reads_only_the_first_rows(tmp_path):
+    """distill.transfer_limit: rows past the limit never reach the student (scrambling them changes nothing)."""
+    import numpy as np
+
+    from shrinkflow.data import save_splits
+
+    over = ["train_teacher.epochs=2", "prune.enabled=false", "quantize.enabled=false", "distill.student={arch: mlp, hidden: [8]}",
+            "distill.epochs=2", "distill.transfer_limit=96", "distill.batch_size=32"]
+    _chain(tmp_path, REPO / "params.yaml", over, ("data", "train_teacher"))
+    paths = StagePaths(tmp_path)
+    first = _chain(tmp_path, REPO / "params.yaml", over, ("distill",))["distill"]
+    weights = torch.load(paths.model("distill"), weights_only=True)["state"]
+    splits = load_splits(paths.splits)
+    rng = np.random.default_rng(0)
+    scrambled = dataclasses.replace(
+        splits,
+        X_train=np.concatenate([splits.X_train[:96], rng.random(splits.X_train[96:].shape, dtype=np.float32)]),
+        y_train=np.concatenate([splits.y_train[:96], rng.integers(0, 10, len(splits.y_train) - 96)]),
+    )
+    save_splits(scrambled, paths.splits)
+    paths.teacher_outputs.unlink()  # computed again from the scrambled split: its first rows are the same
+    second = _chain(tmp_path, REPO / "params.yaml", over, ("distill",))["distill"]
+    again = torch.load(paths.model("distill"), weights_only=True)["state"]
+    assert all(torch.equal(weights[k], again[k]) for k in weights)
+    assert first.val_metric == second.val_metric
+    # Without the limit the same run trains on every row: other weights.
+    _chain(tmp_path, REPO / "params.yaml", [*over, "distill.transfer_limit=null"], ("distill",))
+    full = torch.load(paths.model("distill"), weights_only=True)["state"]
+    assert not all(torch.equal(weights[k], full[k]) for k in weights)
