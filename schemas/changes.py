@@ -166,9 +166,16 @@ class ChangesReport(_Row):
     task: Literal["classification", "regression"]
     n_test: int
     reference: str = Field("teacher", description="The variant the others are compared with.")
+    classes: list[str] | None = Field(
+        None, description="Names of the classes 0..K-1 when the data's labels were not integers (data.task: classification)."
+    )
     chance: Chance
     images: dict[str, str] = Field(default_factory=dict, description="Pictures written beside the report, by name, relative to the project root.")
     variants: dict[str, VariantChanges]
+
+    def name(self, label: int) -> str:
+        """How class ``label`` is shown: its name when the data has names, else the number."""
+        return self.classes[label] if self.classes is not None and label < len(self.classes) else str(label)
 
     @classmethod
     def read(cls, root: Path) -> ChangesReport:

@@ -261,7 +261,10 @@ def regression_changes(reference: torch.Tensor, outputs: torch.Tensor, y: torch.
     )
 
 
-def analyze(outputs: Mapping[str, torch.Tensor], y: torch.Tensor, task: str, *, reference: str = "teacher", examples: int = 16) -> ChangesReport:
+def analyze(
+    outputs: Mapping[str, torch.Tensor], y: torch.Tensor, task: str, *, reference: str = "teacher", examples: int = 16,
+    classes: list[str] | None = None,
+) -> ChangesReport:
     """Every variant's outputs on the test split against the ``reference`` variant's.
 
     Args:
@@ -269,6 +272,7 @@ def analyze(outputs: Mapping[str, torch.Tensor], y: torch.Tensor, task: str, *, 
         y: test labels (classification) or targets shaped [N, T] (regression).
         task: ``classification`` or ``regression``.
         examples: how many flips (or most-changed inputs) each variant lists.
+        classes: names of the classes, when the labels had names.
     """
     ref = outputs[reference]
     variants = {}
@@ -280,7 +284,9 @@ def analyze(outputs: Mapping[str, torch.Tensor], y: torch.Tensor, task: str, *, 
     else:
         for name, out in outputs.items():
             variants[name] = regression_changes(ref, out, y, examples)
-    return ChangesReport(task=task, n_test=len(y), reference=reference, chance=chance(y, task, ref), variants=variants)
+    return ChangesReport(
+        task=task, n_test=len(y), reference=reference, classes=classes, chance=chance(y, task, ref), variants=variants
+    )
 
 
 # ----------------------------------------------------------------------- files
@@ -319,9 +325,12 @@ def tile_box(i: int, n: int) -> tuple[int, int, int, int]:
     return left, top, left + GRID_IMAGE, top + GRID_IMAGE
 
 
-def flip_label(f: Flip, variant: str) -> str:
-    """The text drawn above a flip's tile."""
-    return f"#{f.index} label {f.label}\nteacher {f.teacher} ({f.teacher_confidence:.2f})\n{variant} {f.variant} ({f.variant_confidence:.2f})"
+def flip_label(f: Flip, variant: str, name: Callable[[int], str] = str) -> str:
+    """The text drawn above a flip's tile (``name`` shows a class)."""
+    return (
+        f"#{f.index} label {name(f.label)}\nteacher {name(f.teacher)} ({f.teacher_confidence:.2f})\n"
+        f"{variant} {name(f.variant)} ({f.variant_confidence:.2f})"
+    )
 
 
 def _plt():
@@ -339,7 +348,9 @@ def _save(fig, path: Path, metadata: dict[str, str] | None = None) -> None:
     _plt().close(fig)
 
 
-def draw_flip_grid(X: torch.Tensor, flips: list[Flip], variant: str, n_flips: int, path: Path) -> list[str]:
+def draw_flip_grid(
+    X: torch.Tensor, flips: list[Flip], variant: str, n_flips: int, path: Path, name: Callable[[int], str] = str
+) -> list[str]:
     """Draw ``flips`` as a PNG grid, each tile labelled with the true class and both predictions.
 
     The geometry is fixed (``tile_box``) and the labels are also stored in the PNG's
@@ -368,7 +379,7 @@ def draw_flip_grid(X: torch.Tensor, flips: list[Flip], variant: str, n_flips: in
         ax.set_yticks([])
         for spine in ax.spines.values():
             spine.set_color(colors[f.kind])
-        label = flip_label(f, variant)
+        label = flip_label(f, variant, name)
         labels.append(label)
         ax.set_title(label, fontsize=7.5, color=colors[f.kind], pad=3, linespacing=1.15)
     _save(fig, path, {"Description": "\n".join(s.replace("\n", " | ") for s in labels)})
@@ -396,7 +407,7 @@ def _draw_per_class(report: ChangesReport, path: Path) -> None:
         xs = [i + (j - (len(names) - 1) / 2) * width for i in range(len(classes))]
         ax.bar(xs, [100 * rows[c].delta for c in classes], width=width, label=name)
     ax.axhline(0, color="black", linewidth=0.8)
-    ax.set_xticks(range(len(classes)), [str(c) for c in classes])
+    ax.set_xticks(range(len(classes)), [report.name(c) for c in classes], rotation=0 if report.classes is None else 30)
     ax.set_xlabel("class")
     ax.set_ylabel("accuracy change vs teacher (pp)")
     ax.set_title(title)
@@ -505,11 +516,12 @@ def write_reports(report: ChangesReport, outputs: Mapping[str, torch.Tensor], y:
         rows = []
         for r in report.variants[report.reference].per_class:
             if r.n:
-                rows.append({"group": str(r.label), **{n: 100 * report.variants[n].per_class[r.label].delta for n in names}})
+                rows.append({"group": report.name(r.label), **{n: 100 * report.variants[n].per_class[r.label].delta for n in names}})
         write_json(folder / DELTA_PLOT, rows)
-        preds = {n: outputs[n].argmax(1).tolist() for n in report.variants}
+        lab = (lambda c: c) if report.classes is None else report.name  # noqa: E731 - names when the data has them
+        preds = {n: [lab(c) for c in outputs[n].argmax(1).tolist()] for n in report.variants}
         write_json(folder / PREDICTIONS_PLOT, [
-            {"actual": int(y[i]), **{n: preds[n][i] for n in report.variants}} for i in range(len(y))
+            {"actual": lab(int(y[i])), **{n: preds[n][i] for n in report.variants}} for i in range(len(y))
         ])
         write_json(folder / CALIBRATION_PLOT, [
             {"confidence": (b.lo + b.hi) / 2, "ideal": (b.lo + b.hi) / 2,
@@ -528,7 +540,7 @@ def write_reports(report: ChangesReport, outputs: Mapping[str, torch.Tensor], y:
                 if ch.flips:
                     path = images / f"flips_{n}.png"
                     n_flips = int((outputs[n].argmax(1) != t_pred).sum())
-                    draw_flip_grid(X, ch.flips, n, n_flips, path)
+                    draw_flip_grid(X, ch.flips, n, n_flips, path, report.name)
                     written[f"flips_{n}"] = rel(path)
                     variants[n] = ch.model_copy(update={"flip_grid": rel(path)})
     else:
@@ -590,7 +602,7 @@ def render_summary(report: ChangesReport, variant: str | None = None, link: Call
             "|---|---|---|---|---|---|---|---|",
         ]
         for name, c in report.variants.items():
-            worst = f"{c.worst_class} ({_pp(-c.worst_class_drop)})" if c.worst_class is not None else "–"
+            worst = f"{report.name(c.worst_class)} ({_pp(-c.worst_class_drop)})" if c.worst_class is not None else "–"
             change = "–" if name == report.reference else _pp(c.ece_change)
             lines.append(
                 f"| {name} | {_pct(c.accuracy)} | {_pct(c.ece)} | {change} | {_pct(c.agreement)} | "
@@ -604,7 +616,7 @@ def render_summary(report: ChangesReport, variant: str | None = None, link: Call
         for r in ref.per_class:
             if r.n:
                 cells = [_pp(report.variants[n].per_class[r.label].delta) for n in names]
-                lines.append(f"| {r.label} | {r.n:,} | {_pct(r.teacher_accuracy)} | " + " | ".join(cells) + " |")
+                lines.append(f"| {report.name(r.label)} | {r.n:,} | {_pct(r.teacher_accuracy)} | " + " | ".join(cells) + " |")
     else:
         lines += ["| variant | MSE | MSE change | MSE to the teacher | largest output change |", "|---|---|---|---|---|"]
         for name, c in report.variants.items():
@@ -618,7 +630,7 @@ def render_summary(report: ChangesReport, variant: str | None = None, link: Call
 
 def _render_variant(report: ChangesReport, variant: str, link: Callable[[str], str]) -> str:
     c = report.variants[variant]
-    ref = report.reference
+    ref, nm = report.reference, report.name
     lines = [f"## {variant} vs the {ref} ({report.n_test:,} test inputs)", ""]
     if c.task == "classification":
         lines += [
@@ -632,11 +644,11 @@ def _render_variant(report: ChangesReport, variant: str, link: Callable[[str], s
             "|---|---|---|---|---|",
         ]
         rows = sorted((r for r in c.per_class if r.n), key=lambda r: (r.delta, r.label))
-        lines += [f"| {r.label} | {r.n:,} | {_pct(r.teacher_accuracy)} | {_pct(r.accuracy)} | {_pp(r.delta)} |" for r in rows]
+        lines += [f"| {nm(r.label)} | {r.n:,} | {_pct(r.teacher_accuracy)} | {_pct(r.accuracy)} | {_pp(r.delta)} |" for r in rows]
         if c.confusion_changes:
             lines += ["", "Confusions that changed most (actual → predicted):", "",
                       f"| actual | predicted | {ref} | {variant} | change |", "|---|---|---|---|---|"]
-            lines += [f"| {x.actual} | {x.predicted} | {x.teacher} | {x.variant} | {x.delta:+d} |" for x in c.confusion_changes]
+            lines += [f"| {nm(x.actual)} | {nm(x.predicted)} | {x.teacher} | {x.variant} | {x.delta:+d} |" for x in c.confusion_changes]
         lines += ["", f"Agreement by the {ref}'s confidence:", "",
                   f"| {ref} confidence | n | agreement | {ref} accuracy | {variant} accuracy |", "|---|---|---|---|---|"]
         lines += [
@@ -646,7 +658,7 @@ def _render_variant(report: ChangesReport, variant: str, link: Callable[[str], s
         if c.flips:
             lines += ["", "Most confident flips:", "", f"| input | label | {ref} | {variant} | kind |", "|---|---|---|---|---|"]
             lines += [
-                f"| #{f.index} | {f.label} | {f.teacher} ({f.teacher_confidence:.2f}) | {f.variant} ({f.variant_confidence:.2f}) | "
+                f"| #{f.index} | {nm(f.label)} | {nm(f.teacher)} ({f.teacher_confidence:.2f}) | {nm(f.variant)} ({f.variant_confidence:.2f}) | "
                 f"{f.kind.replace('_', ' ')} |"
                 for f in c.flips
             ]

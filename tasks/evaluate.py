@@ -65,7 +65,7 @@ def _gates(
         c = report.variants[FINAL] if report is not None else None
         if c is not None and c.worst_class is not None:
             row = c.per_class[c.worst_class]
-            detail = f"class {row.label}: {row.teacher_accuracy:.2%} → {row.accuracy:.2%} of {row.n} test inputs"
+            detail = f"class {report.name(row.label)}: {row.teacher_accuracy:.2%} → {row.accuracy:.2%} of {row.n} test inputs"
         out.append(GateResult(name="max_class_drop", limit=g.max_class_drop, value=drop, passed=drop <= g.max_class_drop, detail=detail))
     if g.max_ece_increase is not None and task == "classification" and final.ece is not None and teacher.ece is not None:
         inc = final.ece - teacher.ece
@@ -157,7 +157,7 @@ def run(params: EvaluateParams, ctx: Context) -> EvaluateOutput:
     if packed is None:  # models/evaluate is a DVC out: say why it holds no packed file
         write_json(ctx.paths.pack_summary, {"variant": None, "reason": f"evaluate.pack: {params.pack}"})
     outputs = {v: predict(m, X) for v, m in models.items()}
-    changed = changes.analyze(outputs, y, task, reference="teacher", examples=params.changed_examples)
+    changed = changes.analyze(outputs, y, task, reference="teacher", examples=params.changed_examples, classes=splits.classes)
     lat = latencies_ms(models, X, params.batch_sizes, threads=params.threads, min_run_time=params.min_run_time)
     rows: dict[str, VariantMetrics] = {}
     t = "teacher"

@@ -150,10 +150,15 @@ def test_tabular_inputs_get_no_flip_grid(tmp_path):
     y = torch.tensor([0, 1, 0, 1])
     teacher = torch.tensor([[2.0, 0.0], [0.0, 2.0], [2.0, 0.0], [0.0, 2.0]])
     outputs = {"teacher": teacher, "student": teacher.flip(1)}
-    report = changes.write_reports(changes.analyze(outputs, y, "classification"), outputs, y, torch.rand(4, 6), tmp_path / "c", tmp_path)
+    report = changes.analyze(outputs, y, "classification", classes=["cat", "dog"])
+    report = changes.write_reports(report, outputs, y, torch.rand(4, 6), tmp_path / "c", tmp_path)
     s = report.variants["student"]
     assert (s.newly_wrong, s.newly_right, len(s.flips), s.flip_grid) == (4, 0, 4, None)
     assert not list((tmp_path / "c" / "images").glob("flips_*"))
+    # Named classes are shown by name.
+    assert [r["group"] for r in json.loads((tmp_path / "c" / "delta.json").read_text())] == ["cat", "dog"]
+    assert json.loads((tmp_path / "c" / "predictions.json").read_text())[0] == {"actual": "cat", "teacher": "cat", "student": "dog"}
+    assert "| cat | 2 | 100.00 % | 0.00 % | -100.00 pp |" in changes.render_summary(report, "student")
 
 
 # ------------------------------------------------------------------------ regression
