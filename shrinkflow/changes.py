@@ -67,10 +67,6 @@ DELTA_PLOT, PREDICTIONS_PLOT, CALIBRATION_PLOT = "delta.json", "predictions.json
 IMAGES = "images"
 
 
-def _f(x: torch.Tensor | float) -> float:
-    return float(x)
-
-
 def _mean_or_none(x: torch.Tensor) -> float | None:
     return float(x.double().mean()) if x.numel() else None
 
@@ -116,6 +112,12 @@ def confusion(pred: torch.Tensor, y: torch.Tensor, n_classes: int) -> torch.Tens
     return torch.bincount(y * n_classes + pred, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
 
 
+def _pair_counts(pred: torch.Tensor, y: torch.Tensor, k: int) -> dict[int, int]:
+    """How many inputs have each (actual, predicted) pair, keyed ``actual * k + predicted``."""
+    keys, counts = torch.unique(y * k + pred, return_counts=True)
+    return dict(zip(keys.tolist(), counts.tolist(), strict=True))
+
+
 def chance(y: torch.Tensor, task: str, teacher_outputs: torch.Tensor) -> Chance:
     """The best constant predictor on the test split, and whether the teacher beats it.
 
@@ -131,7 +133,7 @@ def chance(y: torch.Tensor, task: str, teacher_outputs: torch.Tensor) -> Chance:
         major = int(counts.argmax())
         p0 = float(counts[major]) / n
         limit = p0 + Z_99 * math.sqrt(p0 * (1 - p0) / n)
-        acc = _f((teacher_outputs.argmax(1) == y).double().mean())
+        acc = float((teacher_outputs.argmax(1) == y).double().mean())
         return Chance(
             metric="accuracy", baseline=p0, limit=limit, teacher=acc, passed=acc > limit,
             detail=f"majority class {major}: {int(counts[major])} of {n} test inputs",
@@ -139,11 +141,11 @@ def chance(y: torch.Tensor, task: str, teacher_outputs: torch.Tensor) -> Chance:
     yd = y.double()
     sq_teacher = ((teacher_outputs.double() - yd) ** 2).mean(1)
     sq_mean = ((yd - yd.mean(0)) ** 2).mean(1)
-    var = _f(sq_mean.mean())
+    var = float(sq_mean.mean())
     diff = sq_teacher - sq_mean
-    se = _f(diff.std(unbiased=True)) / math.sqrt(n) if n > 1 else 0.0
+    se = float(diff.std(unbiased=True)) / math.sqrt(n) if n > 1 else 0.0
     limit = var - Z_99 * se
-    mse = _f(sq_teacher.mean())
+    mse = float(sq_teacher.mean())
     return Chance(
         metric="mse", baseline=var, limit=limit, teacher=mse, passed=mse < limit,
         detail=f"MSE of predicting the mean of y, {n} test inputs",
@@ -161,23 +163,27 @@ def classification_changes(
     ece, bins = reliability(v_conf, v_ok)
     ref_ece = reliability(t_conf, t_ok)[0] if ref_ece is None else ref_ece
 
+    n_c = torch.bincount(y, minlength=k)
+    right_t, right_v = torch.bincount(y[t_ok], minlength=k), torch.bincount(y[v_ok], minlength=k)
     per_class = []
-    for c in range(k):
-        sel = y == c
-        n = int(sel.sum())
-        ta, va = _mean_or_none(t_ok[sel]), _mean_or_none(v_ok[sel])
+    for c, (n, rt, rv) in enumerate(zip(n_c.tolist(), right_t.tolist(), right_v.tolist(), strict=True)):
+        ta, va = (rt / n, rv / n) if n else (None, None)
         per_class.append(ClassRow(label=c, n=n, teacher_accuracy=ta, accuracy=va, delta=None if n == 0 else va - ta))
     drops = sorted((r.delta, r.label) for r in per_class if r.delta is not None and r.delta < 0)
     worst_drop, worst = (-drops[0][0], drops[0][1]) if drops else (0.0, None)
 
-    c_t, c_v = confusion(t_pred, y, k), confusion(v_pred, y, k)
-    delta = c_v - c_t
-    off = [(a, p) for a, p in torch.nonzero(delta).tolist() if a != p]
-    off.sort(key=lambda ap: (-abs(int(delta[ap[0], ap[1]])), ap[0], ap[1]))
+    # Confusion cells by (actual, predicted) key, counted sparsely: a K x K matrix is only built for small K.
+    c_t, c_v = _pair_counts(t_pred, y, k), _pair_counts(v_pred, y, k)
+    changed = [key for key in c_t.keys() | c_v.keys() if c_t.get(key, 0) != c_v.get(key, 0) and key // k != key % k]
+    changed.sort(key=lambda key: (-abs(c_v.get(key, 0) - c_t.get(key, 0)), key))
     cells = [
-        ConfusionCell(actual=int(a), predicted=int(p), teacher=int(c_t[a, p]), variant=int(c_v[a, p]), delta=int(delta[a, p]))
-        for a, p in off[:CONFUSION_CELLS]
+        ConfusionCell(actual=key // k, predicted=key % k, teacher=c_t.get(key, 0), variant=c_v.get(key, 0),
+                      delta=c_v.get(key, 0) - c_t.get(key, 0))
+        for key in changed[:CONFUSION_CELLS]
     ]
+    delta = None
+    if k <= MAX_CONFUSION_CLASSES:
+        delta = (confusion(v_pred, y, k) - confusion(t_pred, y, k)).tolist()
 
     buckets = []
     edges = CONFIDENCE_EDGES
@@ -195,12 +201,12 @@ def classification_changes(
     for i in flipped[order][:examples].tolist():
         kind = "newly_wrong" if t_ok[i] else "newly_right" if v_ok[i] else "both_wrong"
         flips.append(Flip(
-            index=i, label=int(y[i]), teacher=int(t_pred[i]), teacher_confidence=_f(t_conf[i]),
-            variant=int(v_pred[i]), variant_confidence=_f(v_conf[i]), kind=kind,
+            index=i, label=int(y[i]), teacher=int(t_pred[i]), teacher_confidence=float(t_conf[i]),
+            variant=int(v_pred[i]), variant_confidence=float(v_conf[i]), kind=kind,
         ))
     return ClassificationChanges(
-        accuracy=_f(v_ok.double().mean()),
-        agreement=_f((v_pred == t_pred).double().mean()),
+        accuracy=float(v_ok.double().mean()),
+        agreement=float((v_pred == t_pred).double().mean()),
         ece=ece,
         ece_change=ece - ref_ece,
         newly_wrong=int((t_ok & ~v_ok).sum()),
@@ -210,7 +216,7 @@ def classification_changes(
         worst_class_drop=worst_drop,
         per_class=per_class,
         confusion_changes=cells,
-        confusion_delta=delta.tolist() if k <= MAX_CONFUSION_CLASSES else None,
+        confusion_delta=delta,
         reliability=bins,
         by_teacher_confidence=buckets,
         flips=flips,
@@ -232,7 +238,7 @@ def regression_changes(reference: torch.Tensor, outputs: torch.Tensor, y: torch.
     ref, out, yd = reference.double(), outputs.double(), y.double()
     sq_t, sq_v = (ref - yd) ** 2, (out - yd) ** 2
     per_target = [
-        TargetRow(target=j, teacher_mse=_f(sq_t[:, j].mean()), mse=_f(sq_v[:, j].mean()), delta=_f(sq_v[:, j].mean() - sq_t[:, j].mean()))
+        TargetRow(target=j, teacher_mse=float(sq_t[:, j].mean()), mse=float(sq_v[:, j].mean()), delta=float(sq_v[:, j].mean() - sq_t[:, j].mean()))
         for j in range(y.shape[1])
     ]
     by_quantile = []
@@ -249,14 +255,14 @@ def regression_changes(reference: torch.Tensor, outputs: torch.Tensor, y: torch.
     order = np.lexsort((np.arange(len(y)), -change.numpy()))[:examples].tolist()
     worst = [
         Changed(
-            index=i, y=yd[i].tolist(), teacher=ref[i].tolist(), variant=out[i].tolist(), change=_f(change[i]),
-            teacher_error=_f(sq_t[i].mean()), error=_f(sq_v[i].mean()),
+            index=i, y=yd[i].tolist(), teacher=ref[i].tolist(), variant=out[i].tolist(), change=float(change[i]),
+            teacher_error=float(sq_t[i].mean()), error=float(sq_v[i].mean()),
         )
         for i in order
         if float(change[i]) > 0
     ]
     return RegressionChanges(
-        mse=_f(sq_v.mean()), mse_change=_f(sq_v.mean() - sq_t.mean()), agreement=_f(((out - ref) ** 2).mean()),
+        mse=float(sq_v.mean()), mse_change=float(sq_v.mean() - sq_t.mean()), agreement=float(((out - ref) ** 2).mean()),
         per_target=per_target, by_quantile=by_quantile, worst=worst,
     )
 

@@ -199,8 +199,6 @@ def run(params: EvaluateParams, ctx: Context) -> EvaluateOutput:
     for g in gates:
         if not g.passed:
             log.warning("gate %s failed: %.4g (limit %.4g)%s", g.name, g.value, g.limit, f": {g.detail}" if g.detail else "")
-    if not changed.chance.passed:
-        log.warning("every variant is compared with a teacher that is no better than chance: its drops mean nothing")
     host = f"{cpu_model()}, torch {torch.__version__}, {params.threads} thread(s), {os.cpu_count()} CPUs"
     gate_lines = [
         f"- {g.name}: {g.value:.4g} (limit {g.limit:.4g}) — {'pass' if g.passed else 'FAIL'}" + (f" ({g.detail})" if g.detail else "")

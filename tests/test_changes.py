@@ -143,7 +143,13 @@ def test_plot_files_and_flip_grid_hold_what_they_claim(tmp_path):
     assert ChangesReport.read(tmp_path) == report
     # The confusion difference: student counts minus teacher counts.
     cm = lambda p: torch.bincount(y * k + p, minlength=k * k).reshape(k, k)  # noqa: E731
-    assert c.confusion_delta == (cm(s_pred) - cm(t_pred)).tolist()
+    d = cm(s_pred) - cm(t_pred)
+    assert c.confusion_delta == d.tolist()
+    off = d - torch.diag(torch.diag(d))
+    assert len(c.confusion_changes) == min(10, int((off != 0).sum()))
+    assert abs(c.confusion_changes[0].delta) == int(off.abs().max())
+    for cell in c.confusion_changes:
+        assert cell.actual != cell.predicted and cell.delta == int(d[cell.actual, cell.predicted]) == cell.variant - cell.teacher
 
 
 def test_tabular_inputs_get_no_flip_grid(tmp_path):
