@@ -21,6 +21,7 @@ per-example predictions anyway, so all of it is computed here from them.
 
 from __future__ import annotations
 
+import json
 import math
 import posixpath
 from collections.abc import Callable, Mapping
@@ -526,9 +527,9 @@ def write_reports(report: ChangesReport, outputs: Mapping[str, torch.Tensor], y:
         write_json(folder / DELTA_PLOT, rows)
         lab = (lambda c: c) if report.classes is None else report.name  # noqa: E731 - names when the data has them
         preds = {n: [lab(c) for c in outputs[n].argmax(1).tolist()] for n in report.variants}
-        write_json(folder / PREDICTIONS_PLOT, [
-            {"actual": lab(int(y[i])), **{n: preds[n][i] for n in report.variants}} for i in range(len(y))
-        ])
+        rows = [{"actual": lab(int(y[i])), **{n: preds[n][i] for n in report.variants}} for i in range(len(y))]
+        # One row per test input: compact, it is the largest file of the report (git holds it, cache: false).
+        write_text(folder / PREDICTIONS_PLOT, json.dumps(rows, separators=(",", ":")) + "\n")
         write_json(folder / CALIBRATION_PLOT, [
             {"confidence": (b.lo + b.hi) / 2, "ideal": (b.lo + b.hi) / 2,
              **{n: report.variants[n].reliability[m].accuracy for n in report.variants}}
