@@ -167,6 +167,9 @@ def main() -> None:
         means = [statistics.mean(row[c] for row in per_class[s][v]) for c in classes]
         xs = [c + (j - (len(bars) - 1) / 2) * width for c in classes]
         ax.bar(xs, means, width=width, color=colors[v][sp.index(s) % 2], label=f"{v}, {float(s):.0%} sparse")
+        if v == "student":  # the average the metrics table reports, for scale
+            avg = statistics.mean(100 * (runs[k][s]["metrics"][v]["accuracy"] - runs[k][s]["metrics"]["teacher"]["accuracy"]) for k in args.seeds)
+            ax.axhline(avg, color=colors[v][sp.index(s) % 2], linestyle="--", linewidth=1, label=f"student, {float(s):.0%}: all classes")
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xticks(classes)
     ax.set_xlabel("MNIST class")
