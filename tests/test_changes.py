@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from conftest import BIN, FAST, REPO, dvc, project_env, set_params, sh
 from PIL import Image
 from typer.testing import CliRunner
@@ -17,7 +18,7 @@ from schemas.changes import ChangesReport
 from schemas.evaluate import EvaluateParams
 from schemas.metrics import Metrics
 from schemas.outputs import read_manifest
-from schemas.paths import StagePaths
+from schemas.paths import VARIANTS, StagePaths
 from shrinkflow import changes
 from shrinkflow.artifacts import save_model
 from shrinkflow.cli import app
@@ -201,6 +202,25 @@ def test_a_regression_variant_gets_its_own_report(tmp_path):
     # chance for regression: the variance of y
     assert report.chance.metric == "mse" and report.chance.baseline == pytest.approx(float(y.double().var(unbiased=False)))
     assert report.chance.passed
+
+
+def test_dvc_yaml_plots_the_files_evaluate_writes():
+    spec = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    paths = StagePaths(REPO)
+    folder = paths.rel(paths.changes)
+    assert {folder: {"cache": False}} in spec["stages"]["evaluate"]["outs"]
+    plotted, bars = set(), set()
+    for entry in spec["plots"]:
+        name, props = next(iter(entry.items())) if isinstance(entry, dict) else (entry, None)
+        if props is None:
+            plotted.add(name)
+            continue
+        for file in (props.get("y") if isinstance(props.get("y"), dict) else {}):
+            plotted.add(file)
+            if file.endswith(changes.DELTA_PLOT):
+                bars.add(props["x"])
+    assert {f"{folder}/{f}" for f in (changes.DELTA_PLOT, changes.PREDICTIONS_PLOT, changes.CALIBRATION_PLOT, changes.IMAGES)} <= plotted
+    assert bars == set(VARIANTS.values()) - {"teacher"}  # one bar chart per compressed variant
 
 
 # ------------------------------------------------------------------------------ gates
