@@ -17,9 +17,11 @@ from pydantic import BaseModel
 
 from flows.dvc_stage import reproduce
 from flows.ops.dvcrepo import WorkspaceBusy, workspace_lock
+from schemas.changes import ChangesReport
 from schemas.metrics import Metrics
 from schemas.outputs import read_manifest
-from schemas.paths import STAGES
+from schemas.paths import STAGES, StagePaths
+from shrinkflow.changes import render_summary
 from shrinkflow.config import PARAMS_FILE, apply_to_params_file
 from shrinkflow.io import atomic_path
 from shrinkflow.report import render_table
@@ -43,6 +45,27 @@ def stage(name: str, root: str) -> StageResult:
     get_run_logger().info("%s: %s", name, "ran" if ran else "cached (inputs unchanged)")
     progress.info("  %-14s %s", name, "ran" if ran else "cached")
     return StageResult(stage=name, ran=ran, manifest=read_manifest(name, Path(root)).model_dump(mode="json"))
+
+
+def changes_artifact(root: Path, key: str) -> None:
+    """What compression changed (reports/changes) as a markdown artifact of the running flow.
+
+    The summary table and per-class changes are in the artifact; the pictures are linked
+    as files of the project (``file://`` links: open them on the machine that ran the flow).
+    """
+    root = Path(root).resolve()
+    if not StagePaths(root).changes_json.is_file():
+        get_run_logger().warning("no %s: nothing to show in the %s artifact", StagePaths(root).changes_json, key)
+        return
+    report = ChangesReport.read(root)
+    gates = read_manifest("evaluate", root).gates
+    rows = ["| gate | value | limit | result | detail |", "|---|---|---|---|---|"]
+    rows += [f"| {g.name} | {g.value:.4g} | {g.limit:.4g} | {'pass' if g.passed else '**FAIL**'} | {g.detail or ''} |" for g in gates]
+    create_markdown_artifact(
+        key=key,
+        markdown=render_summary(report, link=lambda p: (root / p).as_uri()) + "\n\n" + "\n".join(rows) + "\n",
+        description="What compression changed vs the teacher: flips, calibration, per-class accuracy (reports/changes)",
+    )
 
 
 @flow(name="compress")
@@ -81,6 +104,7 @@ def compress(root: str = ".", params_file: str | None = None, overrides: list[st
         markdown=render_table(metrics) + f"\n\nGates: {verdict}\n",
         description="Variants side by side (reports/metrics.json)",
     )
+    changes_artifact(rootp, "compress-changes")
     return results
 
 

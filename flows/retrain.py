@@ -35,7 +35,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 from pydantic import BaseModel, Field
 
-from flows.compress import compress
+from flows.compress import changes_artifact, compress
 from flows.ops.dvcrepo import open_repo
 from schemas.metrics import Metrics
 from schemas.outputs import GateResult, read_manifest
@@ -245,6 +245,7 @@ def retrain(
     params_file = Path(rootp) / PARAMS_FILE
     params_before = params_file.read_text(encoding="utf-8")
     results = compress(root=rootp, overrides=overrides or [])
+    changes_artifact(Path(rootp), "retrain-changes")
     ran = [r.stage for r in results if r.ran]
     logger.info("recomputed: %s", ", ".join(ran) or "nothing (all stages cached)")
     gates, metrics, notes = check_gates(rootp, model_name, stage, max_regression)

@@ -10,6 +10,8 @@ from schemas.common import Section
 
 
 class Gates(Section):
+    """Optional gates; teacher_above_chance is always on (see ``EvaluateParams.gates``)."""
+
     max_accuracy_drop: float | None = Field(
         0.05, ge=0, le=1, description="Largest allowed accuracy drop of the final model vs the teacher (fraction, 0.01 = 1 pp); null = no gate."
     )
@@ -22,6 +24,22 @@ class Gates(Section):
     max_latency_ms: float | None = Field(
         None, gt=0,
         description="Largest allowed median CPU latency (ms) of the final model at the smallest of evaluate.batch_sizes; null = no gate.",
+    )
+    min_accuracy: float | None = Field(
+        None, ge=0, le=1,
+        description="Classification: smallest allowed test accuracy of every variant, the teacher included (fraction); "
+        "one gate per variant (min_accuracy_<variant>); null = no gate.",
+    )
+    max_class_drop: float | None = Field(
+        None, ge=0, le=1,
+        description="Classification: largest accuracy any single class of the final model may lose vs the teacher "
+        "(fraction, 0.05 = 5 pp), from reports/changes/changes.json; mind that a class with few test inputs moves in "
+        "big steps (1 of 40 inputs = 2.5 pp); null = no gate.",
+    )
+    max_ece_increase: float | None = Field(
+        None, ge=0, le=1,
+        description="Classification: largest allowed increase of the final model's expected calibration error "
+        "(15 bins) over the teacher's (fraction, 0.02 = 2 pp); null = no gate.",
     )
 
 
@@ -40,7 +58,19 @@ class EvaluateParams(Section):
     min_run_time: float = Field(
         0.3, gt=0, le=60, description="Seconds of timing per variant and batch size (torch.utils.benchmark blocked_autorange)."
     )
-    gates: Gates = Field(default_factory=Gates, description="Quality gates checked on the final model; results in reports/evaluate.json.")
+    gates: Gates = Field(
+        default_factory=Gates,
+        description="Quality gates checked on the final model (min_accuracy: on every variant); results in reports/evaluate.json. "
+        "One gate is always on, teacher_above_chance: the teacher's test accuracy must beat the majority-class accuracy "
+        "(regression: its MSE must stay under the variance of y) by 2.33 standard errors, since every drop measured "
+        "against a useless teacher reads as zero.",
+    )
+    changed_examples: int = Field(
+        16, ge=0, le=256,
+        description="How many changed test inputs the 'what compression changed' report (reports/changes/) lists per "
+        "variant: the most confident flips (classification; drawn as a PNG grid when inputs are images) or the "
+        "inputs whose outputs changed most (regression). 0 = none.",
+    )
     pack: Literal["student", "quantized", "pruned", "teacher", "none"] = Field(
         "student",
         description=(

@@ -5,6 +5,9 @@ Keys a row always has: ``accuracy`` (classification) or ``mse`` (regression),
 ``layer_sparsity``, ``macs``, ``format``, ``path``, ``compression_ratio``, and for each
 batch size *N* of ``evaluate.batch_sizes`` ``latency_ms_bN`` and ``speedup_bN``. The
 latency keys stay flat so that ``dvc metrics diff`` shows them one by one.
+Classification rows also have what compression changed against the teacher (details in
+``reports/changes/changes.json``): ``ece``, ``newly_wrong``, ``newly_right``,
+``worst_class_drop``.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, RootModel, model_validator
 from schemas.paths import StagePaths
 
 _PER_BATCH = re.compile(r"^(latency_ms|speedup)_b([1-9]\d*)$")
+_CLASSIFICATION_ONLY = ("ece", "newly_wrong", "newly_right", "worst_class_drop")
 
 
 class VariantMetrics(BaseModel):
@@ -44,11 +48,21 @@ class VariantMetrics(BaseModel):
     runtime: str | None = Field(
         None, description="Where latency was measured (the same for every variant of a run): eager or compiled PyTorch."
     )
+    ece: float | None = Field(None, description="Classification: expected calibration error, 15 confidence bins.")
+    newly_wrong: int | None = Field(None, description="Classification: test inputs the teacher gets right and this variant wrong.")
+    newly_right: int | None = Field(None, description="Classification: test inputs the teacher gets wrong and this variant right.")
+    worst_class_drop: float | None = Field(
+        None, description="Classification: the largest accuracy a single class lost vs the teacher (fraction, >= 0)."
+    )
 
     @model_validator(mode="after")
     def _shape(self) -> VariantMetrics:
         if (self.accuracy is None) == (self.mse is None):
             raise ValueError("a row has exactly one of accuracy (classification) and mse (regression)")
+        if self.mse is not None:
+            extra = [k for k in _CLASSIFICATION_ONLY if getattr(self, k) is not None]
+            if extra:
+                raise ValueError(f"a regression row (mse) has classification-only keys {extra}")
         for key, value in (self.model_extra or {}).items():
             if not _PER_BATCH.match(key) or not isinstance(value, int | float):
                 raise ValueError(f"unexpected metrics key {key!r} (per batch size: latency_ms_bN, speedup_bN)")

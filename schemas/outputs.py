@@ -106,6 +106,7 @@ class GateResult(_Out):
     limit: float
     value: float
     passed: bool
+    detail: str | None = Field(None, description="What the value is made of, e.g. which class lost most.")
 
 
 class EvaluateOutput(StageOutput):

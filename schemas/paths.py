@@ -81,6 +81,16 @@ class StagePaths:
     def variants_plot(self) -> Path:
         return self.root / "reports" / "plots" / "variants.json"
 
+    @property
+    def changes(self) -> Path:
+        """Folder of evaluate's "what compression changed" report: changes.json, report.md,
+        the dvc plots' data (delta.json, predictions.json, calibration.json) and images/."""
+        return self.root / "reports" / "changes"
+
+    @property
+    def changes_json(self) -> Path:
+        return self.changes / "changes.json"
+
     def rel(self, path: Path) -> str:
         """``path`` relative to the root, as written into manifests."""
         return path.relative_to(self.root).as_posix()

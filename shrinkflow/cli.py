@@ -81,6 +81,32 @@ def metrics(root: Annotated[Path, typer.Option(help="Project root.")] = Path("."
 
 
 @app.command()
+def changes(
+    variant: Annotated[str | None, typer.Argument(help="teacher | pruned | quantized | student; default: all, side by side.")] = None,
+    root: Annotated[Path, typer.Option(help="Project root.")] = Path("."),
+) -> None:
+    """Print what compression changed vs the teacher: flips, calibration, per-class damage (reports/changes)."""
+    from schemas.changes import ChangesReport
+    from schemas.paths import StagePaths
+    from shrinkflow.changes import render_summary
+
+    path = StagePaths(root).changes_json
+    if not path.is_file():
+        typer.echo(f"error: {path} not found: run the pipeline first (dvc repro or shrinkflow run)", err=True)
+        raise typer.Exit(2)
+    try:
+        report = ChangesReport.read(root)
+    except ValueError as exc:  # a damaged file, or one of another version (pydantic's errors are ValueErrors)
+        typer.echo(f"error: {path} is not a changes report of this shrinkflow version ({exc.__class__.__name__}): "
+                   "rerun the evaluate stage (dvc repro evaluate)", err=True)
+        raise typer.Exit(2) from None
+    if variant is not None and variant not in report.variants:
+        typer.echo(f"error: no variant {variant!r} in {path}; variants: {', '.join(report.variants)}", err=True)
+        raise typer.Exit(2)
+    typer.echo(render_summary(report, variant))
+
+
+@app.command()
 def sensitivity(
     model: Annotated[Path | None, typer.Option(help="Model file to analyse; default: the teacher (models/train_teacher/model.pt).")] = None,
     params: ParamsOpt = Path("params.yaml"),
@@ -165,7 +191,8 @@ def run(
     typer.echo(render_table(Metrics.read(root)))
     evaluation = results[-1].manifest
     for g in evaluation["gates"]:
-        typer.echo(f"gate {g['name']}: {g['value']:.4g} (limit {g['limit']:g}) {'pass' if g['passed'] else 'FAIL'}")
+        detail = f" ({g['detail']})" if g.get("detail") and not g["passed"] else ""
+        typer.echo(f"gate {g['name']}: {g['value']:.4g} (limit {g['limit']:.4g}) {'pass' if g['passed'] else 'FAIL'}{detail}")
     if not evaluation["passed"]:
         raise typer.Exit(1)
 

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import posixpath
 
 import torch
 
+from schemas.changes import Chance, ChangesReport
 from schemas.metrics import Metrics, VariantMetrics
 from schemas.outputs import EvaluateOutput, GateResult
 from schemas.params import EvaluateParams
 from schemas.paths import VARIANTS
+from shrinkflow import changes
 from shrinkflow.data import load_splits
 from shrinkflow.io import write_json, write_text
 from shrinkflow.loading import load_model
@@ -23,11 +27,27 @@ from tasks._common import load
 
 FINAL = "student"
 
+log = logging.getLogger("shrinkflow")
 
-def _gates(params: EvaluateParams, metrics: Metrics, task: str) -> list[GateResult]:
+
+def _chance_gate(chance: Chance) -> GateResult:
+    """Always on: against a teacher no better than chance, every drop reads as zero and passes."""
+    sign = "+" if chance.metric == "accuracy" else "-"
+    detail = f"chance {chance.metric} {chance.baseline:.4g} ({chance.detail}) {sign} 2.33 standard errors"
+    if not chance.passed:
+        detail = f"the teacher is no better than chance: {detail}; check train_teacher (optimizer.lr, epochs, model) and the data"
+    return GateResult(name="teacher_above_chance", limit=chance.limit, value=chance.teacher, passed=chance.passed, detail=detail)
+
+
+def _gates(
+    params: EvaluateParams, metrics: Metrics, task: str, chance: Chance | None = None, report: ChangesReport | None = None
+) -> list[GateResult]:
     teacher, final = metrics["teacher"], metrics[FINAL]
     g = params.gates
-    out: list[GateResult] = []
+    out: list[GateResult] = [_chance_gate(chance)] if chance is not None else []
+    if g.min_accuracy is not None and task == "classification":
+        for v, m in metrics.items():
+            out.append(GateResult(name=f"min_accuracy_{v}", limit=g.min_accuracy, value=m.accuracy, passed=m.accuracy >= g.min_accuracy))
     if g.max_accuracy_drop is not None and task == "classification":
         drop = quality_drop(teacher.accuracy, final.accuracy, "accuracy")
         out.append(GateResult(name="max_accuracy_drop", limit=g.max_accuracy_drop, value=drop, passed=drop <= g.max_accuracy_drop))
@@ -41,6 +61,19 @@ def _gates(params: EvaluateParams, metrics: Metrics, task: str) -> list[GateResu
         b = min(params.batch_sizes)
         ms = final.latency_ms(b)
         out.append(GateResult(name=f"max_latency_ms_b{b}", limit=g.max_latency_ms, value=ms, passed=ms <= g.max_latency_ms))
+    if g.max_class_drop is not None and task == "classification" and final.worst_class_drop is not None:
+        drop, detail = final.worst_class_drop, None
+        c = report.variants[FINAL] if report is not None else None
+        if c is not None and c.worst_class is not None:
+            row = c.per_class[c.worst_class]
+            detail = f"class {report.name(row.label)}: {row.teacher_accuracy:.2%} → {row.accuracy:.2%} of {row.n} test inputs"
+        out.append(GateResult(name="max_class_drop", limit=g.max_class_drop, value=drop, passed=drop <= g.max_class_drop, detail=detail))
+    if g.max_ece_increase is not None and task == "classification" and final.ece is not None and teacher.ece is not None:
+        inc = final.ece - teacher.ece
+        out.append(GateResult(
+            name="max_ece_increase", limit=g.max_ece_increase, value=inc, passed=inc <= g.max_ece_increase,
+            detail=f"ECE {teacher.ece:.2%} (teacher) → {final.ece:.2%} ({FINAL})",
+        ))
     return out
 
 
@@ -136,6 +169,7 @@ def run(params: EvaluateParams, ctx: Context) -> EvaluateOutput:
     if packed is None:  # models/evaluate is a DVC out: say why it holds no packed file
         write_json(ctx.paths.pack_summary, {"variant": None, "reason": f"evaluate.pack: {params.pack}"})
     outputs = {v: predict(m, X) for v, m in models.items()}
+    changed = changes.analyze(outputs, y, task, reference="teacher", examples=params.changed_examples, classes=splits.classes)
     runtime = runtime_for(models, params.runtime)
     runners = {v: compiled(m) for v, m in models.items()} if runtime == "compile" else models
     try:
@@ -173,6 +207,9 @@ def run(params: EvaluateParams, ctx: Context) -> EvaluateOutput:
         m["compression_ratio"] = files[t].size_bytes / files[v].size_bytes
         for b in params.batch_sizes:
             m[f"speedup_b{b}"] = lat[t][b] / lat[v][b]
+        c = changed.variants[v]
+        if c.task == "classification":
+            m.update(ece=c.ece, newly_wrong=c.newly_wrong, newly_right=c.newly_right, worst_class_drop=c.worst_class_drop)
         rows[v] = VariantMetrics(**m)
     metrics = Metrics(rows)
     write_json(ctx.paths.metrics, metrics.as_json())
@@ -180,9 +217,17 @@ def run(params: EvaluateParams, ctx: Context) -> EvaluateOutput:
         ctx.paths.variants_plot,
         [{"variant": v, "size_bytes": m.size_bytes, "quality": m.quality, "metric": qkey} for v, m in metrics.items()],
     )
-    gates = _gates(params, metrics, task)
+    changed = changes.write_reports(changed, outputs, y, X, ctx.paths.changes, ctx.paths.root)
+    gates = _gates(params, metrics, task, changed.chance, changed)
+    for g in gates:
+        if not g.passed:
+            log.warning("gate %s failed: %.4g (limit %.4g)%s", g.name, g.value, g.limit, f": {g.detail}" if g.detail else "")
     host = f"{RUNTIMES[runtime]}, {cpu_model()}, torch {torch.__version__}, {params.threads} thread(s), {os.cpu_count()} CPUs"
-    gate_lines = [f"- {g.name}: {g.value:.4g} (limit {g.limit:g}) — {'pass' if g.passed else 'FAIL'}" for g in gates] or ["- none configured"]
+    gate_lines = [
+        f"- {g.name}: {g.value:.4g} (limit {g.limit:.4g}) — {'pass' if g.passed else 'FAIL'}" + (f" ({g.detail})" if g.detail else "")
+        for g in gates
+    ]
+    here = ctx.paths.rel(ctx.paths.report.parent)
     report = "\n".join(
         [
             "# shrinkflow report",
@@ -195,8 +240,12 @@ def run(params: EvaluateParams, ctx: Context) -> EvaluateOutput:
             "",
             *_packed_lines(packed),
             *_bits_lines(headers),
-            f"## Gates (on the final model, `{FINAL}`)",
+            f"## Gates (on the final model, `{FINAL}`, and the teacher against chance)",
             *gate_lines,
+            "",
+            changes.render_summary(changed, link=lambda p: posixpath.relpath(p, here)),
+            "",
+            f"Details per variant: `shrinkflow changes VARIANT`; everything in {ctx.paths.rel(ctx.paths.changes_json)}.",
             "",
         ]
     )

@@ -248,3 +248,21 @@ def test_impossible_gate_fails_the_run_and_leaves_production_unchanged(deployed)
     artifact = Artifact.get("retrain-decision")
     assert artifact.flow_run_id == state.state_details.flow_run_id
     assert "| teacher |" in artifact.data and "not promoted: min_compression_ratio" in artifact.data
+
+
+def test_a_failed_class_gate_blocks_promotion_and_the_run_shows_what_changed(deployed):
+    from prefect.artifacts import Artifact
+
+    from flows.retrain import retrain
+
+    before, tags = registry.in_stage(deployed), _tags(deployed)
+    # No class may lose anything: only evaluate reruns, and the seeded student loses at least one input of some class.
+    state = retrain(root=str(deployed), overrides=["evaluate.gates.max_class_drop=0"], return_state=True)
+    drop = json.loads((deployed / "reports/metrics.json").read_text())["student"]["worst_class_drop"]
+    assert drop > 0
+    assert state.is_failed() and f"max_class_drop = {drop:.4g} (limit 0)" in state.message
+    assert registry.in_stage(deployed) == before and _tags(deployed) == tags  # production unchanged
+    changes = Artifact.get("retrain-changes")
+    assert changes.flow_run_id == state.state_details.flow_run_id
+    assert "| student |" in changes.data and "newly wrong" in changes.data
+    assert "| max_class_drop |" in changes.data and "**FAIL** | class " in changes.data
