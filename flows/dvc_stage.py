@@ -68,5 +68,8 @@ def reproduce(root: Path, stage: str, log: Callable[[str], None] | None = None) 
     """
     ensure_venv_on_path()
     with open_repo(root) as repo, _output_to(log, stage):
+        # No "git add dvc.lock / dvc config core.autostage" hint after every stage: the
+        # orchestrator decides what is committed (the retrain flow commits the candidate).
+        repo.scm_context.quiet = True
         ran = repo.reproduce(stage, single_item=True)
     return bool(ran)
