@@ -46,7 +46,7 @@ from prefect.tasks import exponential_backoff
 from pydantic import BaseModel, Field
 
 from flows.compress import stage as reproduce_stage
-from flows.ops.dvcrepo import Snapshot, open_repo, pipeline_outputs
+from flows.ops.dvcrepo import Snapshot, open_repo, pipeline_outputs, workspace_lock
 from schemas.metrics import Metrics
 from schemas.outputs import GateResult, read_manifest
 from schemas.paths import STAGES, StagePaths
@@ -382,8 +382,9 @@ def retrain(
         # ---- candidate: refresh, reproduce, gate
         try:
             refresh_data(str(rootp))
-            if overrides:
-                apply_to_params_file(rootp / PARAMS_FILE, None, overrides)
+            if overrides:  # under DVC's lock, as the compress flow edits params (WorkspaceBusy if a run is there)
+                with workspace_lock(rootp):
+                    apply_to_params_file(rootp / PARAMS_FILE, None, overrides)
             result["ran"] = [r.stage for r in (reproduce_stage(name, str(rootp)) for name in STAGES) if r.ran]
             logger.info("recomputed: %s", ", ".join(result["ran"]) or "nothing (all stages cached)")
             metrics = Metrics.read(rootp)

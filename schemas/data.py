@@ -53,8 +53,17 @@ class NpzData(_DataBase):
         description=(
             "Your own arrays in an .npz file (``path``): ``X`` and ``y`` (optionally ``X_test`` "
             "and ``y_test``), or a folder of such files, concatenated in name order (drop new "
-            "batches there for retraining). Integer ``y`` means classification, float ``y`` regression."
+            "batches there for retraining). See ``task`` for how ``y`` is read."
         )
+    )
+    task: Literal["auto", "classification", "regression"] = Field(
+        "auto",
+        description=(
+            "auto: integer ``y`` means classification (labels 0..K-1), float ``y`` regression; other "
+            "label types (strings, booleans) are refused with the fix. classification: ``y`` holds class "
+            "labels of any type (integers 0..K-1 are kept; anything else, e.g. strings, becomes 0..K-1 "
+            "in sorted order); regression: ``y`` holds numbers (one or more targets per row)."
+        ),
     )
 
 

@@ -42,3 +42,12 @@ class EvaluateParams(Section):
             "its quality is measured by loading it; none = report the .pt files only."
         ),
     )
+    pack_precision: Literal["predictions", "exact"] = Field(
+        "predictions",
+        description=(
+            "predictions: biases, codebooks and other float values of the packed file are stored as float16 wherever "
+            "the predicted class of every validation example stays the same (checked tensor by tensor; regression "
+            "models are always exact); exact: every value bit for bit, the loaded model computes exactly what the "
+            ".pt variant computes."
+        ),
+    )

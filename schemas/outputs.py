@@ -36,6 +36,9 @@ class DataOutput(StageOutput):
     source: str
     task: Literal["classification", "regression"]
     n_classes: int = Field(description="Number of classes; 0 for regression.")
+    classes: list[str] | None = Field(
+        None, description="Label of each class 0..K-1 when the source's labels were not integers 0..K-1 (data.task: classification)."
+    )
     input_shape: list[int]
     n_train: int
     n_val: int

@@ -38,7 +38,7 @@ from torch import nn
 
 from schemas.common import ModelSpec
 from shrinkflow.errors import InputError
-from shrinkflow.io import atomic_path
+from shrinkflow.io import atomic_path, model_file_kind
 from shrinkflow.masks import keep_masked, masks_from_zeros
 from shrinkflow.models import build_model, estimate_params
 
@@ -219,22 +219,12 @@ def _torch_load(path: Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def is_torch_file(path: Path) -> bool:
-    """True when ``path`` starts like a file ``torch.save`` writes (a zip archive, or the legacy pickle)."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(4)
-    except OSError:
-        return False
-    return head == b"PK\x03\x04" or head[:1] == b"\x80"
-
-
 def read_torch_payload(path: Path, where: str) -> Any:
     """What ``torch.save`` stored in ``path``, read safely; InputError saying what the file is when it is not ours."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{where}: file not found: {path}")
-    if not is_torch_file(path):
+    if model_file_kind(path) != "torch":
         raise InputError(
             f"{where}: {path} is not a model file (neither a shrinkflow .pt nor a packed .sfz: "
             f"it starts with {_head(path)!r}); give a file written by shrinkflow or torch.save"

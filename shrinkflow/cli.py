@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -115,21 +116,38 @@ def sensitivity(
     typer.echo((out / sens.MARKDOWN).read_text(encoding="utf-8"))
 
 
+#: Where `shrinkflow run` writes its full log (Prefect, DVC and every stage's output), under the project root.
+RUN_LOG = Path(".shrinkflow") / "logs" / "run.log"
+
+
 @app.command()
 def run(
     params: Annotated[Path | None, typer.Option("--params", "-p", help="Copy this params file into params.yaml first.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a key, e.g. --set prune.sparsity=0.9 (written into params.yaml).")] = None,
     root: Annotated[Path, typer.Option(help="Project root (git + DVC repo).")] = Path("."),
 ) -> None:
-    """Run the pipeline as a Prefect flow (ephemeral server unless PREFECT_API_URL is set)."""
+    """Run the pipeline as a Prefect flow (ephemeral server unless PREFECT_API_URL is set).
+
+    The terminal shows one line per stage, the metrics table and the gates; the full log
+    (Prefect, DVC, every stage's output) goes to .shrinkflow/logs/run.log. A failing stage
+    ends the run with its own message and exit status (2 for bad input); a workspace busy
+    with another run exits 75 without changing anything; a failed gate exits 1.
+    """
     from shrinkflow.config import PARAMS_FILE, load_params
 
     try:  # reject bad params before paying for Prefect's start-up
         load_params(params or root / PARAMS_FILE, set_ or [], root=root)
     except ShrinkflowError as exc:
         _fail(exc)
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    from flows.ops.dvcrepo import workspace_lock
+
+    try:
+        with workspace_lock(root):  # busy: refuse now, before paying for Prefect (the flow takes the lock again)
+            pass
+    except ShrinkflowError as exc:
+        _fail(exc)
+    log_path = (root / RUN_LOG).resolve()
+    _log_to_file(log_path)
     from flows.compress import compress
     from schemas.metrics import Metrics
     from shrinkflow.report import render_table
@@ -137,15 +155,47 @@ def run(
     try:
         results = compress(root=str(root.resolve()), params_file=str(params) if params else None, overrides=set_ or [])
     except ShrinkflowError as exc:
-        _fail(exc)
-    for r in results:
-        typer.echo(f"  {r.stage:<14} {'ran' if r.ran else 'cached'}")
+        logging.getLogger("shrinkflow.run").error("run failed: %s", exc)
+        typer.echo(f"error: {exc}\n(full log: {log_path})", err=True)
+        raise typer.Exit(exc.exit_code) from None
+    except Exception as exc:  # not a user error: the traceback is in the log, the terminal gets one line
+        logging.getLogger("shrinkflow.run").exception("run crashed")
+        typer.echo(f"error: {type(exc).__name__}: {exc}\n(traceback in {log_path})", err=True)
+        raise typer.Exit(1) from None
     typer.echo(render_table(Metrics.read(root)))
     evaluation = results[-1].manifest
     for g in evaluation["gates"]:
         typer.echo(f"gate {g['name']}: {g['value']:.4g} (limit {g['limit']:g}) {'pass' if g['passed'] else 'FAIL'}")
     if not evaluation["passed"]:
         raise typer.Exit(1)
+
+
+def _log_to_file(path: Path) -> None:
+    """Everything (Prefect, DVC, the stages) into ``path``; on the terminal only shrinkflow's progress lines.
+
+    Prefect reads its logging settings when first imported, so this runs before that.
+    """
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")  # Prefect's console: quiet
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "dvc")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("", encoding="utf-8")
+    # Append mode: Prefect's logging set-up closes existing handlers, and a closed handler in
+    # "w" mode never reopens (its records would be lost).
+    handler = logging.FileHandler(path, mode="a", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)
+    root_logger = logging.getLogger()
+    root_logger.addHandler(handler)
+    root_logger.setLevel(logging.INFO)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per API call otherwise
+    progress = logging.getLogger("shrinkflow.run")
+    terminal = logging.StreamHandler(sys.stdout)
+    terminal.setFormatter(logging.Formatter("%(message)s"))
+    terminal.addFilter(lambda record: record.levelno < logging.ERROR)  # errors: one line, printed by `run`
+    progress.addHandler(terminal)
+    progress.setLevel(logging.INFO)
 
 
 @app.command()
@@ -218,17 +268,65 @@ def pack(
     model: Annotated[Path, typer.Argument(help="Model file to pack (.pt, or .sfz to repack).")],
     out: Annotated[Path, typer.Argument(help="Packed file to write, e.g. model.sfz.")],
     no_huffman: Annotated[bool, typer.Option("--no-huffman", help="Fixed-width streams (to see what entropy coding adds).")] = False,
+    reference: Annotated[
+        Path | None,
+        typer.Option(
+            "--reference",
+            help="Inputs (.npy, or .npz with X) whose predicted classes the file must keep: biases, codebooks and "
+            "other float values are then stored as float16 wherever every one of these predictions stays the same. "
+            "Without it the file is lossless.",
+        ),
+    ] = None,
     allow: AllowOpt = None,
 ) -> None:
-    """Pack a model into the Deep Compression format (sparse positions, shared weights, Huffman)."""
-    from shrinkflow.loading import pack_file
+    """Pack a model into the Deep Compression format (sparse positions, shared weights, Huffman); print where the bytes go."""
+    from shrinkflow.loading import load_model, pack_file
 
     try:
-        rep = pack_file(model, out, entropy=not no_huffman, allow=allow or [])
+        ref = None
+        if reference is not None:
+            _, header = load_model(model, allow or [])
+            ref = _read_inputs(reference, header.input_shape)
+        rep = pack_file(model, out, entropy=not no_huffman, allow=allow or [], reference=ref)
     except ShrinkflowError as exc:
         _fail(exc)
-    parts = ", ".join(f"{k} {v:,}" for k, v in rep.breakdown.items())
-    typer.echo(f"{out}: {rep.size_bytes:,} bytes ({parts}); was {model.stat().st_size:,} bytes")
+    typer.echo(f"{out}: {rep.size_bytes:,} bytes (packed format version {rep.version}); {model}: {model.stat().st_size:,} bytes\n")
+    typer.echo("\n".join(rep.markdown()))
+    if rep.checked:
+        typer.echo(
+            f"\nfloat16: {', '.join(rep.rounded) or 'none'} (every predicted class on {rep.checked:,} reference inputs kept)"
+        )
+
+
+def _read_inputs(path: Path, input_shape: list[int]):
+    """Rows of a .npy array or of the array X in an .npz, as a float32 tensor shaped [N, *input_shape]."""
+    import numpy as np
+    import torch
+
+    from shrinkflow.errors import InputError
+
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.ndarray):
+            X = loaded
+        else:
+            with loaded:
+                X = loaded["X"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise InputError(f"{path}: expected a .npy array or an .npz with array 'X' ({exc})") from exc
+    if not (np.issubdtype(X.dtype, np.number) or X.dtype == np.bool_):
+        raise InputError(f"{path}: holds {X.dtype} values, not numbers: give the model numeric inputs")
+    X = X.astype(np.float32)
+    if X.ndim < 1 or len(X) == 0:
+        raise InputError(f"{path}: no rows (shape {list(X.shape)})")
+    if not np.isfinite(X).all():
+        raise InputError(f"{path}: contains NaN or infinite values")
+    if list(X.shape[1:]) != list(input_shape):
+        if X.ndim >= 1 and int(np.prod(X.shape[1:])) == int(np.prod(input_shape)):
+            X = X.reshape(len(X), *input_shape)
+        else:
+            raise InputError(f"{path}: rows shaped {list(X.shape[1:])}, the model takes {input_shape}")
+    return torch.from_numpy(X)
 
 
 @app.command()
@@ -238,31 +336,15 @@ def predict(
     allow: AllowOpt = None,
 ) -> None:
     """Print the model's prediction for each input row (class, or regression outputs)."""
-    import numpy as np
     import torch
 
-    from shrinkflow.errors import InputError
     from shrinkflow.loading import load_model
 
     try:
         net, header = load_model(model, allow or [])
-        try:
-            loaded = np.load(inputs, allow_pickle=False)
-            if isinstance(loaded, np.ndarray):
-                X = loaded
-            else:
-                with loaded:
-                    X = loaded["X"]
-        except (OSError, ValueError, KeyError) as exc:
-            raise InputError(f"{inputs}: expected a .npy array or an .npz with array 'X' ({exc})") from exc
-        X = X.astype(np.float32)
-        if list(X.shape[1:]) != list(header.input_shape):
-            if X.ndim >= 1 and int(np.prod(X.shape[1:])) == int(np.prod(header.input_shape)):
-                X = X.reshape(len(X), *header.input_shape)
-            else:
-                raise InputError(f"{inputs}: rows shaped {list(X.shape[1:])}, the model takes {header.input_shape}")
+        X = _read_inputs(inputs, header.input_shape)
         with torch.inference_mode():
-            out = net(torch.from_numpy(X)).float()
+            out = net(X).float()
     except ShrinkflowError as exc:
         _fail(exc)
     if header.task == "classification":

@@ -53,7 +53,13 @@ def read_yaml(path: Path, kind: str = "params", help: str = "see `shrinkflow sch
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{kind} file not found: {path} (create it: {help})")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise ParamsError(
+            f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} on line {line}); save the file as UTF-8"
+        ) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -86,9 +92,19 @@ def _key_path(loc: Sequence[int | str], data: Any) -> str:
     return ".".join(parts).replace(".[", "[") or "(top level)"
 
 
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+#: Most problems listed for one file: the rest are counted, not printed.
+MAX_ERRORS = 20
+
+
 def format_validation_error(exc: ValidationError, data: Any, source: str, kind: str = "params") -> str:
+    errors = exc.errors()
     lines = [f"{source}: invalid {kind}:"]
-    for err in exc.errors():
+    for err in errors[:MAX_ERRORS]:
         path = _key_path(err["loc"], data)
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
@@ -98,10 +114,12 @@ def format_validation_error(exc: ValidationError, data: Any, source: str, kind: 
             path = f"{path}.{key}"
             msg = f"unknown value {err['ctx']['tag']!r}; allowed: {err['ctx']['expected_tags']}"
         elif err["type"] == "literal_error":
-            msg = f"got {err['input']!r}; {msg[0].lower()}{msg[1:]}"
+            msg = f"got {_short(err['input'])}; {msg[0].lower()}{msg[1:]}"
         elif "input" in err and err["type"] not in {"missing", "value_error"}:
-            msg = f"{msg} (got {err['input']!r})"
+            msg = f"{msg} (got {_short(err['input'])})"
         lines.append(f"  - {path}: {msg}")
+    if len(errors) > MAX_ERRORS:
+        lines.append(f"  ... and {len(errors) - MAX_ERRORS:,} more problems (fix these first)")
     return "\n".join(lines)
 
 
@@ -113,16 +131,48 @@ def validate(data: dict[str, Any], source: str = PARAMS_FILE) -> Params:
 
 
 def check_inputs(params: Params, root: Path, source: str) -> None:
-    """Files the params name must exist (paths are relative to the project root)."""
+    """What the params name must be there, checked before any work: data files present and
+    readable, model classes that import and are ``nn.Module`` subclasses, checkpoint files
+    that exist and are model files. Paths are relative to the project root."""
+    from shrinkflow.data import check_source
+    from shrinkflow.io import model_file_kind
+
     problems = []
     if params.data.source in ("mnist", "npz") and not (root / params.data.path).exists():
         what = "the folder with the four MNIST IDX files" if params.data.source == "mnist" else "an .npz file with arrays X and y"
         problems.append(f"data.path: {params.data.path!r} does not exist; point it at {what}")
+    else:
+        problems += check_source(params.data, root)
+    for key, spec in (("train_teacher.model", params.train_teacher.model), ("distill.student", params.distill.student)):
+        if getattr(spec, "arch", None) == "module":
+            problems += _check_class(spec.import_, f"{key}.import", root)
     ckpt = params.train_teacher.checkpoint
     if ckpt and not (root / ckpt).is_file():
         problems.append(f"train_teacher.checkpoint: {ckpt!r} does not exist; give a trained model file or null to train")
+    elif ckpt and model_file_kind(root / ckpt) is None:
+        problems.append(
+            f"train_teacher.checkpoint: {ckpt!r} is not a model file (neither torch.save's format nor a packed .sfz)"
+        )
     if problems:
         raise ParamsError(f"{source}: invalid params:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def _check_class(target: str, key: str, root: Path) -> list[str]:
+    """The class a params spec names (trusted: the params are the pipeline's own configuration) imports
+    and is an ``nn.Module`` subclass; nothing is built."""
+    import sys
+
+    from shrinkflow.errors import InputError
+    from shrinkflow.models import module_class
+
+    # `arch: module` names classes importable from the project root (the stages' working directory).
+    if str(Path(root).resolve()) not in sys.path:
+        sys.path.insert(0, str(Path(root).resolve()))
+    try:
+        module_class(target, allow=[target], where=key)
+    except InputError as exc:
+        return [str(exc)]
+    return []
 
 
 def load_params(path: Path | str = PARAMS_FILE, overrides: Sequence[str] = (), root: Path | None = None) -> Params:

@@ -15,6 +15,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
 from torch import nn
 
 import shrinkflow.pruning  # noqa: F401 - registers the pruning transforms and the sparse storage
@@ -76,7 +77,14 @@ def load_checkpoint(path: Path, header: ModelHeader, where: str, allow: Sequence
     return build_and_load(header, payload, f"{where} {str(path)!r} (for the model spec {header.spec.model_dump()})", allow), header
 
 
-def pack_file(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, entropy: bool = True, allow: Sequence[str] = ()) -> PackReport:
-    """Pack a shrinkflow model file (``.pt`` or ``.sfz``) into ``dst``."""
+def pack_file(
+    src: str | os.PathLike[str], dst: str | os.PathLike[str], *, entropy: bool = True, allow: Sequence[str] = (),
+    reference: torch.Tensor | None = None,
+) -> PackReport:
+    """Pack a shrinkflow model file (``.pt`` or ``.sfz``) into ``dst``.
+
+    ``reference``: inputs whose predicted classes the packed file must keep (float
+    tensors may then be stored as float16, see ``pack_model``); None = lossless.
+    """
     model, header = load_model(Path(src), allow)
-    return pack_model(model, header, dst, entropy=entropy)
+    return pack_model(model, header, dst, entropy=entropy, reference=reference)

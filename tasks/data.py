@@ -15,6 +15,7 @@ def run(params: DataParams, ctx: Context) -> DataOutput:
         source=params.source,
         task=splits.task,
         n_classes=splits.n_classes,
+        classes=splits.classes,
         input_shape=splits.input_shape,
         n_train=len(splits.X_train),
         n_val=len(splits.X_val),

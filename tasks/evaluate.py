@@ -14,7 +14,7 @@ from shrinkflow.data import load_splits
 from shrinkflow.io import write_json, write_text
 from shrinkflow.loading import load_model
 from shrinkflow.measure import cpu_model, latencies_ms, macs, model_file, sparsity_of
-from shrinkflow.packing import pack_model
+from shrinkflow.packing import pack_model, render
 from shrinkflow.report import quality_drop, render_table
 from shrinkflow.training import predict, quality
 from tasks import Context
@@ -43,14 +43,15 @@ def _gates(params: EvaluateParams, metrics: Metrics, task: str) -> list[GateResu
     return out
 
 
-def _pack_variant(variant: str, model, header, unpacked, ctx: Context):
+def _pack_variant(variant: str, model, header, unpacked, ctx: Context, reference: torch.Tensor | None):
     """Pack ``variant`` to models/evaluate/<variant>.sfz and reload it from there.
 
+    ``reference``: inputs whose predictions the file must keep (float16 where it does), None = lossless.
     Returns the loaded model, its header, the packed file's description and the
     pack summary (also written to models/evaluate/pack.json).
     """
     path = ctx.paths.packed(variant)
-    rep = pack_model(model, header, path)
+    rep = pack_model(model, header, path, reference=reference)
     loaded, header = load_model(path, ctx.trusted)
     summary = {
         "variant": variant,
@@ -58,7 +59,10 @@ def _pack_variant(variant: str, model, header, unpacked, ctx: Context):
         "size_bytes": rep.size_bytes,
         "unpacked_path": unpacked.path,
         "unpacked_size_bytes": unpacked.size_bytes,
+        "format_version": rep.version,
         "breakdown": rep.breakdown,
+        "rounded": rep.rounded,
+        "checked": rep.checked,
         "tensors": rep.tensors,
     }
     write_json(ctx.paths.pack_summary, summary)
@@ -67,21 +71,35 @@ def _pack_variant(variant: str, model, header, unpacked, ctx: Context):
     return loaded, header, described, summary
 
 
+def _reference(splits) -> torch.Tensor:
+    """The inputs whose predictions a packed file keeps: the validation split (the training split without one).
+
+    Never the test split: it measures the file, it does not choose how the file is made.
+    """
+    X, _ = splits.tensors("val")
+    return X if len(X) else splits.tensors("train")[0]
+
+
 def _packed_lines(packed: dict | None) -> list[str]:
     """Report section: the packed file's size and where its bytes go."""
     if packed is None:
         return []
     total = packed["size_bytes"]
-    rows = [f"| {k} | {v:,} | {100 * v / total:.1f} % |" for k, v in packed["breakdown"].items()]
+    if packed["checked"]:
+        precision = (
+            f"Stored as float16 because every predicted class on the {packed['checked']:,} validation examples stayed "
+            f"the same: {', '.join(packed['rounded']) or 'none'}; every other value is exact."
+        )
+    else:
+        precision = "Every value is stored exactly (lossless)."
     return [
         f"## Packed file (`{packed['variant']}`)",
         "",
         f"`{packed['path']}`: {total:,} bytes (the `.pt` file: {packed['unpacked_size_bytes']:,} bytes, "
-        f"{packed['unpacked_size_bytes'] / total:.1f}× larger). The `{packed['variant']}` row above is measured from it.",
+        f"{packed['unpacked_size_bytes'] / total:.1f}× larger). The `{packed['variant']}` row above is measured from it. "
+        + precision,
         "",
-        "| part | bytes | share |",
-        "|---|---|---|",
-        *rows,
+        *render(total, packed["breakdown"], packed["tensors"]),
         "",
     ]
 
@@ -98,7 +116,10 @@ def run(params: EvaluateParams, ctx: Context) -> EvaluateOutput:
         models[variant], header = load(stage, ctx)
         files[variant] = model_file(path, models[variant], header, ctx.paths.root)
         if variant == params.pack:
-            models[variant], header, files[variant], packed = _pack_variant(variant, models[variant], header, files[variant], ctx)
+            reference = _reference(splits) if params.pack_precision == "predictions" else None
+            models[variant], header, files[variant], packed = _pack_variant(
+                variant, models[variant], header, files[variant], ctx, reference
+            )
         structure[variant] = {"sparsity": sparsity_of(models[variant], header), "macs": macs(models[variant], header)}
     if packed is None:  # models/evaluate is a DVC out: say why it holds no packed file
         write_json(ctx.paths.pack_summary, {"variant": None, "reason": f"evaluate.pack: {params.pack}"})

@@ -91,7 +91,7 @@ def test_kmeans_shared_round_trip_and_codebook(tmp_path, x):
     rep = pack_model(q, hq, tmp_path / "k.sfz")
     _same(q, shrinkflow.load(tmp_path / "k.sfz"), x)
     first = next(t for t in rep.tensors if t["name"] == "net.1.weight")
-    assert first["values"].startswith("codebook[") and int(first["values"][9:-1]) <= 16
+    assert first["values"].startswith("codebook[") and first["codebook"] <= 16
 
 
 def test_structured_pruned_layers_are_stored_small(tmp_path, x):
@@ -203,13 +203,11 @@ def test_loading_runs_no_code_from_the_file(tmp_path, packed, monkeypatch, x):
 
 
 def test_metadata_is_plain_json_without_pickle_opcodes(packed):
-    import json
-    import zlib
+    from shrinkflow.packing import container
 
-    meta_len = struct.unpack_from("<I", packed, 12)[0]
-    meta = json.loads(zlib.decompress(packed[20 : 20 + meta_len]))
-    assert set(meta) == {"header", "tensors", "qparams"}
-    assert meta["header"]["spec"]["arch"] == "mlp"
+    version, meta, _ = container.decode(packed, "packed")
+    assert version == VERSION and set(meta) == {"h", "q", "l"}
+    assert meta["h"]["spec"]["arch"] == "mlp"
 
 
 def test_a_torch_file_is_not_mistaken_for_packed(tmp_path):
@@ -280,9 +278,184 @@ def test_static_int8_per_channel_round_trip_stores_integers(tmp_path, x):
     with torch.no_grad():
         assert torch.equal(q(x), shrinkflow.load(tmp_path / "s.sfz")(x))
     assert rep.size_bytes < save_model(q, tmp_path / "s.pt", hq)
-    # Integers: a codebook of ≤ 256 entries, or raw int8 when that is smaller.
+    # The per-channel scales are coded sections of the payload, put back into the header on load.
+    assert rep.breakdown["scales"] > 0
     _, meta, _ = read_packed(tmp_path / "s.sfz")
-    for t in meta["tensors"]:
+    assert any(qp["scheme"] == "per_channel" and len(qp["scales"]) == 48 for qp in meta["qparams"])
+    # Integers: a codebook of ≤ 256 entries, or raw int8 when that is smaller.
+    for t in rep.tensors:
         if t["name"].endswith("weight"):
-            assert "int_grid" in t
-            assert t["values"]["kind"] == "codebook" or t["values"]["dtype"] == "int8"
+            assert t["values"].endswith("(int8 grid)")
+            assert t["values"].startswith("codebook[") or t["values"].startswith("raw int8")
+
+
+# ---------------------------------------------------------------- format version 2: every byte
+
+
+DATA = __import__("pathlib").Path(__file__).parent / "data"
+
+
+@pytest.mark.parametrize("name", ["kmeans", "dynamic"])
+def test_version_1_files_still_load_and_compute_the_same(name):
+    """Files written by the version-1 packer (tests/data/sfz-v1, made before version 2) load unchanged."""
+    from shrinkflow.packing import container
+
+    path = DATA / "sfz-v1" / f"mlp-{name}.sfz"
+    assert container.decode(path.read_bytes(), "fixture")[0] == 1
+    expected = np.load(DATA / "sfz-v1" / "expected.npz")
+    model = shrinkflow.load(path)
+    with torch.no_grad():
+        out = model(torch.from_numpy(expected["x"]))
+    assert torch.equal(out, torch.from_numpy(expected[name]))
+
+
+def test_repacking_a_version_1_file_writes_version_2_smaller(tmp_path):
+    src = DATA / "sfz-v1" / "mlp-kmeans.sfz"
+    rep = pack_file(src, tmp_path / "v2.sfz")
+    assert rep.version == VERSION == 2
+    assert rep.size_bytes < src.stat().st_size
+    expected = np.load(DATA / "sfz-v1" / "expected.npz")
+    with torch.no_grad():
+        assert torch.equal(shrinkflow.load(tmp_path / "v2.sfz")(torch.from_numpy(expected["x"])), torch.from_numpy(expected["kmeans"]))
+
+
+def test_breakdown_names_every_section_and_adds_up(tmp_path):
+    from shrinkflow.packing import CATEGORIES
+
+    h = _header()
+    q, hq = kmeans.quantize_kmeans(_pruned(h), h, KMeansQuant(bits=4, finetune=Finetune(epochs=0)), Env())
+    rep = pack_model(q, hq, tmp_path / "k.sfz")
+    assert set(rep.breakdown) == set(CATEGORIES)
+    assert sum(rep.breakdown.values()) == rep.size_bytes == (tmp_path / "k.sfz").stat().st_size
+    for part in ("positions", "indices", "codebooks", "biases", "table", "header", "container"):
+        assert rep.breakdown[part] > 0, part
+    # The biases (24 + 48 + 10 fp32 values, no structure to find) are all of their section.
+    assert rep.breakdown["biases"] == 4 * (48 + 24 + 10)
+    # A compressed header primed with the format's dictionary: a few dozen bytes, not a JSON document.
+    assert rep.breakdown["header"] < 60 and rep.breakdown["table"] < 12 * len(rep.tensors)
+
+
+def test_removed_unit_lists_leave_the_json_header(tmp_path, x):
+    """A structured transform's index lists are coded sections (at most about a bit per unit), not JSON text."""
+    import json
+
+    h = _header(shape=(1, 16, 16), spec={"arch": "mlp", "hidden": [300, 100]})
+    model = h.build().eval()
+    hs = prune_structurally(model, h)
+    removed = sum(len(idx) for _, _, idx in hs.transforms[0]["history"])
+    rep = pack_model(model, hs, tmp_path / "s.sfz")
+    loaded, header = load_model(tmp_path / "s.sfz")
+    assert header == hs
+    x16 = torch.randn(8, 1, 16, 16)
+    _same(model, loaded, x16)
+    assert removed == 200
+    assert 0 < rep.breakdown["structure"] <= (300 + 100) / 8 + 8
+    assert rep.breakdown["structure"] + rep.breakdown["header"] < len(json.dumps(hs.transforms)) / 8
+
+
+def _tie_model() -> tuple[torch.nn.Module, ModelHeader]:
+    """Class 1 wins every input by 1e-6: rounding the last bias to float16 would make it a tie (class 0)."""
+    h = _header(spec={"arch": "mlp", "hidden": [8]})
+    h = h.model_copy(update={"out_features": 2})
+    torch.manual_seed(0)
+    model = h.build().eval()
+    with torch.no_grad():
+        model.net[3].weight.zero_()
+        model.net[3].bias.copy_(torch.tensor([0.1, 0.1 + 1e-6]))
+    return model, h
+
+
+def test_float16_only_where_every_reference_prediction_stays(tmp_path, x):
+    model, h = _tie_model()
+    exact = pack_model(model, h, tmp_path / "exact.sfz")
+    rep = pack_model(model, h, tmp_path / "half.sfz", reference=x)
+    assert rep.checked == len(x)
+    assert set(rep.rounded) == {"net.1.weight", "net.1.bias"}  # net.3.weight is all zeros (exact); net.3.bias would flip
+    assert rep.size_bytes < exact.size_bytes
+    with torch.no_grad():
+        assert torch.equal(shrinkflow.load(tmp_path / "half.sfz")(x).argmax(1), model(x).argmax(1))
+        assert torch.equal(shrinkflow.load(tmp_path / "exact.sfz")(x), model(x))
+    rows = {t["name"]: t for t in rep.tensors}
+    assert rows["net.1.bias"]["precision"] == "float16 (rounded)" and rows["net.3.bias"]["precision"] == "exact"
+
+
+def test_float16_everywhere_when_nothing_flips(tmp_path, x):
+    h = _header()
+    q, hq = kmeans.quantize_kmeans(_pruned(h), h, KMeansQuant(bits=4, finetune=Finetune(epochs=0)), Env())
+    exact = pack_model(q, hq, tmp_path / "exact.sfz")
+    rep = pack_model(q, hq, tmp_path / "half.sfz", reference=x)
+    assert set(rep.rounded) == {k for k in q.state_dict() if k.endswith("bias") or k.endswith("codebook")} - {
+        k for k in q.state_dict() if k.endswith("codebook")
+    } | {k.replace("weight_codebook", "weight") for k in q.state_dict() if k.endswith("weight_codebook")}
+    # Codebooks and biases halve: 2 bytes saved per stored float.
+    saved = exact.size_bytes - rep.size_bytes
+    assert saved >= 2 * (48 + 24 + 10) + 2 * 3 * 14
+    with torch.no_grad():
+        assert torch.equal(shrinkflow.load(tmp_path / "half.sfz")(x).argmax(1), q(x).argmax(1))
+
+
+def test_rounding_never_turns_a_weight_into_zero(tmp_path, x):
+    model, h = _tie_model()
+    with torch.no_grad():
+        model.net[1].weight[0, 0] = 1e-9  # float16 flushes it to zero: the tensor is kept exact
+    rep = pack_model(model, h, tmp_path / "t.sfz", reference=x)
+    assert "net.1.weight" not in rep.rounded
+    assert shrinkflow.load(tmp_path / "t.sfz").net[1].weight[0, 0] == model.net[1].weight[0, 0]
+
+
+def test_regression_models_are_packed_exactly(tmp_path):
+    h = ModelHeader(spec={"arch": "mlp", "hidden": [8]}, input_shape=[4], out_features=1, task="regression")
+    torch.manual_seed(0)
+    model = h.build().eval()
+    X = torch.randn(32, 4)
+    rep = pack_model(model, h, tmp_path / "r.sfz", reference=X)
+    assert rep.rounded == [] and rep.checked == 0
+    with torch.no_grad():
+        assert torch.equal(shrinkflow.load(tmp_path / "r.sfz")(X), model(X))
+
+
+def test_a_damaged_table_is_a_format_error(tmp_path, packed):
+    """Bytes changed consistently (CRC recomputed): the table is checked, not trusted."""
+    import zlib
+
+    meta_len = struct.unpack_from("<I", packed, 12)[0]
+    start = 20 + meta_len
+    for pos, value in ((start, 0xFF), (start + 1, 7), (start + 2, 0xEE)):
+        data = bytearray(packed[:-4])
+        data[pos] = value
+        data += struct.pack("<I", zlib.crc32(bytes(data)))
+        (tmp_path / "d.sfz").write_bytes(bytes(data))
+        with pytest.raises(PackedFormatError, match="corrupt or inconsistent"):
+            shrinkflow.load(tmp_path / "d.sfz")
+
+
+def test_varints_round_trip():
+    from shrinkflow.packing.container import Reader, Writer
+
+    values = [0, 1, 127, 128, 300, 2**21, 2**35 + 5]
+    w = Writer()
+    for v in values:
+        w.uint(v)
+    assert len(w.buf) == 1 + 1 + 1 + 2 + 2 + 4 + 6
+    r = Reader(bytes(w.buf))
+    assert [r.uint() for _ in values] == values
+    with pytest.raises(ValueError, match="ends early"):
+        r.uint()
+
+
+def test_cli_pack_shows_bytes_per_section_and_float16(tmp_path):
+    from typer.testing import CliRunner
+
+    from shrinkflow.cli import app
+
+    model, h = _tie_model()
+    save_model(model, tmp_path / "m.pt", h)
+    np.save(tmp_path / "ref.npy", torch.randn(16, 64).numpy())
+    res = CliRunner().invoke(app, ["pack", str(tmp_path / "m.pt"), str(tmp_path / "m.sfz"), "--reference", str(tmp_path / "ref.npy")])
+    assert res.exit_code == 0, res.output
+    for part in ("| biases |", "| header |", "| net.3.bias | 2 |", "float16: net.1.weight, net.1.bias", "16 reference inputs"):
+        assert part in res.output, part
+    np.save(tmp_path / "bad.npy", np.zeros((3, 5), dtype=np.float32))
+    res = CliRunner().invoke(app, ["pack", str(tmp_path / "m.pt"), str(tmp_path / "x.sfz"), "--reference", str(tmp_path / "bad.npy")])
+    assert res.exit_code == 2 and "rows shaped [5]" in res.output
+    assert not (tmp_path / "x.sfz").exists()

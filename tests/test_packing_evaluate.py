@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import FAST, REPO
 
 from schemas.paths import STAGES
@@ -30,13 +31,20 @@ def test_evaluate_reports_the_packed_student(tmp_path: Path):
     assert student["size_bytes"] == packed.stat().st_size
     assert student["path"] == "models/evaluate/student.sfz"
     assert student["size_bytes"] < (tmp_path / "models/distill/model.pt").stat().st_size
-    # Accuracy is the packed file's, which computes what the .pt student computes.
-    X, y = load_splits(tmp_path / "data/prepared/splits.npz").tensors("test")
+    # Accuracy is the packed file's: loaded from it.
+    splits = load_splits(tmp_path / "data/prepared/splits.npz")
+    X, y = splits.tensors("test")
+    from_sfz, _ = load_model(packed)
+    assert student["accuracy"] == quality(predict(from_sfz, X), y, "classification")
+    # evaluate.pack_precision: predictions (the default) keeps every validation prediction of the .pt student.
     from_pt, _ = load_model(tmp_path / "models/distill/model.pt")
-    assert student["accuracy"] == quality(predict(from_pt, X), y, "classification")
+    Xv, _ = splits.tensors("val")
+    assert torch.equal(predict(from_sfz, Xv).argmax(1), predict(from_pt, Xv).argmax(1))
     report = (tmp_path / "reports/report.md").read_text()
     assert "## Packed file (`student`)" in report
-    for part in ("indices", "codebooks", "positions", "overhead"):
-        assert f"| {part} |" in report
+    for part in ("| biases |", "| header |", "| table |", "| container |", "| tensor | shape |", "validation examples"):
+        assert part in report, part
     summary = json.loads((tmp_path / "models/evaluate/pack.json").read_text())
     assert sum(summary["breakdown"].values()) == student["size_bytes"]
+    assert summary["checked"] == len(Xv) and summary["format_version"] == 2
+    assert {t["name"] for t in summary["tensors"] if t["precision"] != "exact"} == set(summary["rounded"])

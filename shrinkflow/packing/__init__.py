@@ -5,10 +5,11 @@
 """
 
 from schemas.paths import PACKED_SUFFIX as SUFFIX
-from shrinkflow.packing.codec import PackReport, decode_state, load_packed, pack_model, read_packed
+from shrinkflow.packing.codec import CATEGORIES, PackReport, decode_state, load_packed, pack_model, read_packed, render
 from shrinkflow.packing.container import MAGIC, VERSION, PackedFormatError, is_packed
 
 __all__ = [
+    "CATEGORIES",
     "MAGIC",
     "SUFFIX",
     "VERSION",
@@ -19,4 +20,5 @@ __all__ = [
     "decode_state",
     "pack_model",
     "read_packed",
+    "render",
 ]
