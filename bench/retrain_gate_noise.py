@@ -1,6 +1,6 @@
 """How often do the retrain gates reject a model that did not change? Plain vs paired.
 
-Builds a throwaway project from this working tree (digits, the default params), runs
+Builds a throwaway clone of this repository's HEAD (digits, the default params), runs
 the retrain flow once (seed 0 → production), then runs it again for seeds 1..N of the
 *same* configuration with ``promote=false`` (each candidate is gated, then the
 workspace is restored), both gates on:
@@ -22,49 +22,35 @@ Prints a table and writes bench/results/retrain_gate_noise.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-#: What a project needs to run the pipeline (as tests/conftest.py's make_project copies).
-PROJECT_FILES = ["dvc.yaml", "params.yaml", "data/raw/README.md", "shrinkflow", "tasks", "schemas", "flows"]
+from presets import ROOT, clone, env, host, write_results
+
 TEST_SIZE = 360
 
 
-def make_project(dest: Path, source: str, env: dict[str, str]) -> Path:
-    """This working tree's pipeline in a fresh git + DVC repository, committed once."""
+def make_project(dest: Path, source: str) -> Path:
+    """A clone of this repository's HEAD; with ``fixed-test``, digits as an .npz with a fixed test set."""
     import numpy as np
+    from sklearn.datasets import load_digits
 
     from shrinkflow.config import apply_to_params_file
 
-    for rel in PROJECT_FILES:
-        src = REPO / rel
-        if src.is_dir():
-            shutil.copytree(src, dest / rel, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / rel)
-    (dest / ".gitignore").write_text("/data/prepared/\n/models/\n/reports/\n__pycache__/\n")
+    clone(dest, None)
     if source == "fixed-test":
-        from sklearn.datasets import load_digits
-
         d = load_digits()
         order = np.random.default_rng(0).permutation(len(d.target))
         X = (d.data.astype(np.float32)[order] / 16.0).reshape(-1, 1, 8, 8)
         y = d.target.astype(np.int64)[order]
         np.savez(dest / "data/raw/digits.npz", X=X[TEST_SIZE:], y=y[TEST_SIZE:], X_test=X[:TEST_SIZE], y_test=y[:TEST_SIZE])
         apply_to_params_file(dest / "params.yaml", overrides=["data.source=npz", "data.path=data/raw"])
-    for cmd in (["git", "init", "-q"], [str(BIN / "dvc"), "init", "-q"], [str(BIN / "dvc"), "config", "core.analytics", "false"],
-                ["git", "add", "-A"], ["git", "commit", "-qm", "project"]):
-        subprocess.run(cmd, cwd=dest, env=env, check=True, capture_output=True)
+        for cmd in (["git", "add", "-A"], ["git", "commit", "-qm", "digits with a fixed test set"]):
+            subprocess.run(cmd, cwd=dest, env=env(), check=True, capture_output=True)
     return dest
 
 
@@ -73,23 +59,19 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=10, help="Candidates: seeds 1..N of the production config (seed 0).")
     ap.add_argument("--significance", type=float, default=0.05, help="Level of the paired gate.")
     ap.add_argument("--source", choices=["fixed-test", "digits"], default="fixed-test")
-    ap.add_argument("--out", type=Path, default=REPO / "bench/results/retrain_gate_noise.json")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench/results/retrain_gate_noise.json")
     args = ap.parse_args()
-    sys.path.insert(0, str(REPO))
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "DVC_NO_ANALYTICS": "1",
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "TORCHAO_FORCE_SKIP_LOADING_SO_FILES": "1",
-           "GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "bench@localhost",
-           "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "bench@localhost"}
-    env.pop("PREFECT_API_URL", None)
-    os.environ.update(env)
+    os.environ.update(env())
+    os.environ.pop("PREFECT_API_URL", None)
+    measured_on = host()
 
-    from flows.retrain import retrain
+    from flows.retrain import result_of, retrain
 
     rows = []
     t_start = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["PREFECT_HOME"] = str(Path(tmp) / "prefect-home")  # a throwaway ephemeral server
-        root = make_project(Path(tmp) / "proj", args.source, env)
+        root = make_project(Path(tmp) / "proj", args.source)
         print("seed 0 → production ...", flush=True)
         first = retrain(root=str(root), return_state=True)
         assert first.name == "Promoted", first.message
@@ -97,7 +79,7 @@ def main() -> None:
         for seed in range(1, args.seeds + 1):
             state = retrain(root=str(root), overrides=[f"seed={seed}"], significance=args.significance, max_regression=0.0,
                             promote=False, return_state=True)
-            r = state.result(raise_on_failure=False)
+            r = result_of(state)
             gates = {g.name: g for g in r.gates}
             c = r.comparison
             row = {
@@ -112,19 +94,13 @@ def main() -> None:
             print(f"  seed {seed}: {c.describe()}; plain {'REJECTS' if row['plain_rejects'] else 'passes'}, "
                   f"paired {'REJECTS' if row['paired_rejects'] else 'passes'}", flush=True)
 
-    import torch
-
-    from shrinkflow.measure import cpu_model
-
-    host = {"cpu": cpu_model(), "cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version()}
     plain, paired = sum(r["plain_rejects"] for r in rows), sum(r["paired_rejects"] for r in rows)
-    result = {"host": host, "source": args.source, "significance": args.significance, "production": "seed 0",
+    result = {"host": measured_on, "command": " ".join(["python bench/retrain_gate_noise.py", *sys.argv[1:]]), "source": args.source, "significance": args.significance, "production": "seed 0",
               "production_gates": [g.model_dump() for g in prod_metrics], "candidates": rows,
               "plain_rejects": plain, "paired_rejects": paired, "seconds": time.time() - t_start}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_results(args.out, result)
     print()
-    print(f"host: {host['cpu']}, {host['cpus']} CPUs, torch {host['torch']}; data: {args.source}; production: seed 0")
+    print(f"host: {measured_on['cpu']}, {measured_on['cpus']} CPUs, torch {measured_on['torch']}; data: {args.source}; production: seed 0")
     print("| seed | n | acc prod | acc cand | diff (pp) | interval (pp) | p | plain (max_regression 0) | paired |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
@@ -132,7 +108,7 @@ def main() -> None:
               f"[{r['interval_pp'][0]:+.2f}, {r['interval_pp'][1]:+.2f}] | {r['p_value']:.3g} | "
               f"{'reject' if r['plain_rejects'] else 'pass'} | {'reject' if r['paired_rejects'] else 'pass'} |")
     print(f"\nplain gate rejects {plain}/{len(rows)} seeds of the unchanged model; paired gate (alpha {args.significance:g}) "
-          f"rejects {paired}/{len(rows)}. Raw: {args.out.relative_to(REPO)}")
+          f"rejects {paired}/{len(rows)}. Raw: {args.out}")
 
 
 if __name__ == "__main__":

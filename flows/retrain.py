@@ -33,6 +33,7 @@ message. Two runs must never share one workspace: the deployments use
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -71,6 +72,40 @@ class GateReport(BaseModel):
     gates: list[GateResult]
     comparison: PairedComparison | None = Field(description="Candidate vs production on the same test examples.")
     notes: list[str]
+
+
+class NotPromoted(ShrinkflowError):
+    """The run ended without moving production (a gate failed, a step failed, or promote=false).
+
+    The data of a Failed end state: ``result`` holds what the run found.
+    """
+
+    def __init__(self, decision: str, result: RetrainResult):
+        super().__init__(decision)
+        self.result = result
+
+
+class _ExpectedOutcome(logging.Filter):
+    """Drop the traceback Prefect's engine logs for a Failed state a flow *returned*.
+
+    Run by a worker, the engine re-raises the end state to end the process and logs it as
+    "Engine execution exited with unexpected exception" with a traceback. A candidate that
+    was not promoted is an expected outcome whose reason is already in the state message,
+    the artifact and the run's log, so only that record is dropped (nothing else matches).
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], NotPromoted))
+
+
+if not any(isinstance(f, _ExpectedOutcome) for f in logging.getLogger("prefect.flow_runs").filters):
+    logging.getLogger("prefect.flow_runs").addFilter(_ExpectedOutcome())
+
+
+def result_of(state: State) -> RetrainResult:
+    """What a retrain run found, from its end state (Completed or Failed), e.g. ``retrain(..., return_state=True)``."""
+    out = state.result(raise_on_failure=False)
+    return out.result if isinstance(out, NotPromoted) else out
 
 
 class RetrainResult(BaseModel):
@@ -358,8 +393,11 @@ def retrain(
         out = RetrainResult(**result)
         create_markdown_artifact(key="retrain-decision", markdown=_decision_markdown(metrics, report, decision),
                                  description="Retrain: metrics, gates and decision")
-        (logger.info if state is Completed else logger.warning)(decision)
-        return state(name=name, message=decision, data=out)
+        if state is Completed:
+            logger.info(decision)
+            return Completed(name=name, message=decision, data=out)
+        logger.warning(decision)
+        return Failed(name=name, message=decision, data=NotPromoted(decision, out))  # a Failed state's data must be an exception
 
     pending = True  # the workspace still needs restoring if the run stops here (e.g. serve stops a flow run)
 

@@ -74,6 +74,13 @@ def _prod(root: Path) -> tuple[str, str] | None:
     return (v.version, v.commit) if v else None
 
 
+def _scenario(name: str, state: str, before: tuple[str, str] | None, root: Path, status_before: str = "") -> None:
+    """One row of the closing note's table (printed with -s): scenario, final state, prod before → after, workspace."""
+    after, status = _prod(root), _status(root)
+    workspace = "clean" if status == "" else f"as before the run ({status.strip()})" if status == status_before else f"CHANGED: {status.strip()}"
+    print(f"\nSCENARIO | {name} | {state} | {before[0] if before else '-'} → {after[0] if after else '-'} | {workspace} |")
+
+
 @pytest.fixture(scope="module")
 def deployed(prefect_stack, tmp_path_factory) -> Path:  # noqa: F811 - fixture
     """A project on the watched-folder data source, deployed with the repository's prefect.yaml."""
@@ -189,6 +196,7 @@ def test_first_retrain_through_the_deployment_promotes_with_every_line_in_its_ow
     proc = prefect(prefect_stack, "deployment", "run", "retrain/nightly", "--watch", "--watch-timeout", "600", cwd=deployed)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "finished successfully in 'Promoted'" in proc.stdout
+    _scenario("first run, no production yet (deployment, --watch)", "Promoted", None, deployed)
     first = registry.in_stage(deployed)
     assert first is not None and first.tag in _tags(deployed) and first.commit == registry.head(deployed)
     assert "accuracy" in first.record["metrics"]
@@ -218,6 +226,7 @@ def test_retrain_on_unchanged_data_recomputes_nothing_and_says_unchanged(deploye
     result = state.result()
     assert state.is_completed() and state.name == "Unchanged", state.message
     assert result.ran == [] and not result.promoted and _prod(deployed) == before and _tags(deployed) == tags
+    _scenario("unchanged data", state.name, before, deployed)
     logs = _run_logs(state)
     assert "data data/raw: unchanged since dvc.lock" in logs and "data stage out of date" not in logs
 
@@ -248,6 +257,7 @@ def test_new_data_retrains_passes_gates_promotes_and_publishes(deployed, tmp_pat
     state = retrain(root=str(deployed), return_state=True)
     result = state.result()
     assert state.name == "Promoted", state.message
+    _scenario("new data batch, local DVC remote", state.name, (before.version, before.commit), deployed)
     assert result.ran == list(STAGES)
     assert all(g.passed for g in result.gates)
     assert "no_significant_regression_vs_prod" in {g.name for g in result.gates}
@@ -301,6 +311,7 @@ def test_a_failed_gate_is_reported_not_crashed_and_leaves_the_workspace_as_it_wa
                    'overrides=["evaluate.gates.min_compression_ratio=1000"]', "--watch", "--watch-timeout", "300", cwd=deployed)
     assert proc.returncode == 1
     assert "finished in state 'Rejected'" in proc.stdout
+    _scenario("impossible evaluate gate (deployment, --watch)", "Rejected", before, deployed)
     assert "min_compression_ratio" in proc.stdout  # the reason is in what --watch shows
     logs = _logs_of_last_run("retrain/nightly", wait_for=("Finished in state Rejected",))
     assert "Traceback" not in logs and "unexpected exception" not in logs
@@ -335,6 +346,7 @@ def test_a_refusing_origin_fails_the_run_before_production_moves_then_a_later_ru
     state = retrain(root=str(deployed), overrides=change, return_state=True)
     refused_s = time.monotonic() - t0
     assert state.is_failed() and state.name == "Failed", state.message
+    _scenario("origin refuses the push (non-bare working copy)", state.name, before, deployed)
     assert "refused" in state.message and "production unchanged" in state.message
     assert (_prod(deployed), _tags(deployed), registry.head(deployed)) == (before, tags, head)
     assert _status(deployed) == ""
@@ -347,6 +359,7 @@ def test_a_refusing_origin_fails_the_run_before_production_moves_then_a_later_ru
     registry.git(deployed, "remote", "set-url", "origin", str(bare))
     state = retrain(root=str(deployed), overrides=change, return_state=True)
     assert state.name == "Promoted", state.message
+    _scenario("same candidate, origin now an empty bare repo", state.name, before, deployed)
     prod = registry.in_stage(deployed)
     refs = _remote_refs(deployed)
     branch = registry.branch(deployed)
@@ -366,6 +379,7 @@ def test_a_refused_assignment_is_rolled_back_and_the_next_run_promotes(deployed,
     change = ["evaluate.min_run_time=0.08"]
     state = retrain(root=str(deployed), overrides=change, return_state=True)
     assert state.name == "Failed" and "rolled back" in state.message, state.message
+    _scenario("origin refuses the prod tag (pre-receive hook)", state.name, before, deployed)
     assert _prod(deployed) == before and _tags(deployed) == tags  # no local tag survives the refusal
     refs = _remote_refs(deployed)
     assert refs[f"refs/heads/{registry.branch(deployed)}"] == registry.head(deployed)  # the candidate commit is published
@@ -374,6 +388,7 @@ def test_a_refused_assignment_is_rolled_back_and_the_next_run_promotes(deployed,
     hook.unlink()
     state = retrain(root=str(deployed), overrides=change, return_state=True)
     assert state.name == "Promoted", state.message
+    _scenario("next run after the refused tag", state.name, before, deployed)
     assert state.result().ran == []  # the committed candidate, promoted as it is
     prod = registry.in_stage(deployed)
     assert prod.commit == registry.head(deployed) and f"refs/tags/shrinkflow@{prod.version}" in _remote_refs(deployed)
@@ -383,11 +398,13 @@ def test_a_refused_assignment_is_rolled_back_and_the_next_run_promotes(deployed,
 
 
 def test_paired_gate_accepts_another_seed_of_the_same_model(deployed):
-    from flows.retrain import retrain
+    from flows.retrain import result_of, retrain
 
     set_params(deployed, ["seed=1"])  # an operator's edit of params.yaml: committed with the candidate if promoted
+    before = _prod(deployed)
     state = retrain(root=str(deployed), return_state=True)
-    result = state.result(raise_on_failure=False)
+    _scenario("same config, seed 1 (noise)", state.name, before, deployed)
+    result = result_of(state)
     logs = _run_logs(state)
     assert "data data/raw: unchanged since dvc.lock" in logs and "data stage out of date: params seed modified" in logs
     c = result.comparison
@@ -399,26 +416,32 @@ def test_paired_gate_accepts_another_seed_of_the_same_model(deployed):
 
 
 def test_paired_gate_rejects_a_model_with_one_class_damaged(deployed):
-    from flows.retrain import retrain
+    from flows.retrain import result_of, retrain
 
-    original = (deployed / "data/raw/batch-1.npz").read_bytes()
+    batches = {name: (deployed / "data/raw" / name).read_bytes() for name in ("batch-1.npz", "batch-2.npz")}
     before, head = _prod(deployed), registry.head(deployed)
-    _write_batch(deployed, "batch-1.npz", slice(0, FIRST_BATCH), with_test=True, relabel=(3, 8))  # 3s taught as 8s
+    # new data in which every training 3 is labelled 8; the test digits stay right
+    _write_batch(deployed, "batch-1.npz", slice(0, FIRST_BATCH), with_test=True, relabel=(3, 8))
+    _write_batch(deployed, "batch-2.npz", slice(FIRST_BATCH, None), relabel=(3, 8))
+    status = _status(deployed)
     try:
         state = retrain(root=str(deployed), return_state=True)
-        result = state.result(raise_on_failure=False)
+        result = result_of(state)
+        _scenario("every training 3 labelled 8 (real regression)", state.name, before, deployed, status)
         assert state.name == "Rejected", state.message
         failed = {g.name for g in result.gates if not g.passed}
         assert failed == {"no_significant_regression_vs_prod"}, result.gates  # evaluate's own gates pass
         c = result.comparison
+        print(f"class 3 damaged vs production: {c.describe()}")
         assert c.worse and c.high < 0 and c.losses > 3 * c.wins
         assert "no_significant_regression_vs_prod" in state.message and "pp" in state.message
         artifact = _artifact(state)
         assert "significantly worse" in artifact and "Decision:** not promoted" in artifact
         assert (_prod(deployed), registry.head(deployed)) == (before, head)
-        assert _status(deployed) == " M data/raw/batch-1.npz\n"  # the data dropped in is the user's: it stays
+        assert _status(deployed) == status  # the data dropped in is the user's: it stays
     finally:
-        (deployed / "data/raw/batch-1.npz").write_bytes(original)
+        for name, data in batches.items():
+            (deployed / "data/raw" / name).write_bytes(data)
     assert _status(deployed) == ""
 
 
@@ -457,7 +480,7 @@ def test_the_commands_of_docs_production_md_run(deployed, prefect_stack, s3_endp
         "make serve": None,  # DOC_SERVE: the signal tests run these
         "export PREFECT_API_URL=http://127.0.0.1:4200/api": (deployed, None, ["finished successfully in 'Unchanged'", "finished successfully in 'Completed'"]),
         "prefect deployment run 'retrain/nightly' --param significance=0.01 --watch": (deployed, None, ["finished successfully in 'Evaluated'"]),
-        "prefect deployment schedule ls retrain/nightly": (deployed, None, ["0 2 * * *"]),
+        "prefect deployment schedule ls retrain/nightly": (deployed, None, ["0 2 * * *", "resumed"]),
         "gto show shrinkflow": (deployed, None, ["shrinkflow@v0.0.", "# shrinkflow report", "min_compression_ratio"]),
         "dvc remote add -d store ../shrinkflow-store && git commit -m \"DVC remote\" .dvc/config": (clone, None, []),
         "dvc remote add -d s3 s3://my-bucket/shrinkflow": (clone, None, []),

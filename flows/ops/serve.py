@@ -450,8 +450,12 @@ def serve(root: Path, home: Path | None, host: str, port: int, poll_seconds: flo
             error = exc
             _say(f"\n{step} failed: stopping {stack.describe()}")
         finally:
-            stack.close(hurry=lambda: signals.hurry, say=_say)
-        free = port_is_free(host, port)
-        _say(f"stopped: no process of this stack is left; port {port} is {'free' if free else 'held by another process'}.")
+            done = stack.close(hurry=lambda: signals.hurry, say=_say)
+        free = f"port {port} is {'free' if port_is_free(host, port) else 'held by another process'}"
+        left = [m for m in done if m.endswith("still running after SIGKILL")]
+        if left:  # not seen in practice: a process in uninterruptible sleep survives even SIGKILL for a while
+            _say(f"NOT stopped: {'; '.join(left)}; {free}.")
+        else:
+            _say(f"stopped: no process of this stack is left; {free}.")
     if error is not None:
         raise error
