@@ -3,8 +3,13 @@
 A promoted model is a git commit whose ``dvc.lock`` pins the model files. GTO marks it
 with an annotated tag per version (``NAME@v0.0.3``) and moves a stage (``NAME#prod#N``)
 to it. The version tag's message carries the model's record (final variant, its file,
-its metrics) as JSON, so the production model's numbers travel with ``git push --tags``
-and need no other store.
+its metrics) as JSON, so the production model's numbers travel with the tags and need
+no other store.
+
+The retrain flow builds each candidate as a commit *beside* the branch (a temporary
+index: ``candidate_commit``); the branch moves to it (``advance``) only once the remote
+has it, and a candidate that is not promoted is kept on ``rejected/NAME/TIMESTAMP``
+(``archive``), so the workspace and the branch never hold a rejected candidate.
 """
 
 from __future__ import annotations
