@@ -63,6 +63,7 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.update(env())
     os.environ.pop("PREFECT_API_URL", None)
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")  # a busy machine starts it slowly
     measured_on = host()
 
     from flows.retrain import result_of, retrain
