@@ -42,6 +42,8 @@ def make_project(dest: Path, source: str) -> Path:
     from shrinkflow.config import apply_to_params_file
 
     clone(dest, None)
+    # the clone's origin is this working copy: a retrain run would push its candidates there
+    subprocess.run(["git", "remote", "remove", "origin"], cwd=dest, env=env(), check=True)
     if source == "fixed-test":
         d = load_digits()
         order = np.random.default_rng(0).permutation(len(d.target))

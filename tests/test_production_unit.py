@@ -152,6 +152,25 @@ def test_snapshot_restores_params_lock_reports_and_dvc_outputs(tmp_path, monkeyp
     assert "up to date" in sh([str(BIN / "dvc"), "status"], root).stdout
 
 
+def test_a_returned_rejection_is_not_logged_as_a_crash_but_other_errors_are():
+    import logging
+
+    from flows.retrain import NotPromoted, RetrainResult, _ExpectedOutcome
+
+    result = RetrainResult(ran=[], gates=[], version=None, promoted=False, decision="not promoted: a gate failed")
+    assert any(isinstance(f, _ExpectedOutcome) for f in logging.getLogger("prefect.flow_runs").filters)
+
+    def record(exc: BaseException) -> logging.LogRecord:
+        try:
+            raise exc
+        except BaseException:
+            return logging.getLogger("prefect.flow_runs").makeRecord(
+                "prefect.flow_runs", logging.ERROR, __file__, 1, "Engine execution exited with unexpected exception", (), sys.exc_info())
+
+    assert not _ExpectedOutcome().filter(record(NotPromoted(result.decision, result)))
+    assert _ExpectedOutcome().filter(record(RuntimeError("a bug")))  # a real crash keeps its traceback
+
+
 def test_why_the_data_stage_is_out_of_date_names_data_params_and_code_apart():
     from flows.retrain import _why_out_of_date
 
