@@ -515,23 +515,26 @@ def test_the_commands_of_docs_production_md_run(deployed, prefect_stack, s3_endp
 
 # ------------------------------------------------------------------------- serve signals
 
-SLEEPER = '''"""A flow run that ignores SIGTERM: what a busy run looks like to whoever stops the worker."""
-import signal
+SLEEPER = '''"""A busy flow run: it started a process that ignores SIGTERM, in a session of its own."""
+import subprocess
+import sys
 import time
 
 from prefect import flow
 
+STUCK = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"
+
 
 @flow
 def sleeper(seconds: float = 600) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    subprocess.Popen([sys.executable, "-c", STUCK], start_new_session=True)
     time.sleep(seconds)
 '''
 
 
 @pytest.fixture(scope="module")
 def serve_project(tmp_path_factory) -> Path:
-    """A project whose prefect.yaml also deploys ``sleeper/busy``, a flow that ignores SIGTERM."""
+    """A project whose prefect.yaml also deploys ``sleeper/busy``, a flow whose run only SIGKILL ends."""
     import yaml
 
     root = make_project(tmp_path_factory.mktemp("serve") / "proj")
@@ -595,12 +598,12 @@ def test_two_sigterms_with_a_flow_run_in_flight_escalate_to_sigkill_and_leave_no
         while not (state := client.read_flow_run(run.id).state).is_running():
             assert time.monotonic() < deadline and not state.is_final(), state
             time.sleep(0.5)
-    time.sleep(2)  # the flow body has set SIGTERM to ignore
+    time.sleep(2)  # the flow body has started its stuck process
     os.killpg(proc.pid, signal.SIGTERM)  # the whole group, as systemd or `kill -- -PGID` does: make and serve both get it
     time.sleep(3)
     os.killpg(proc.pid, signal.SIGTERM)
     out = _assert_all_gone(proc, home, port, log)
-    assert "signal received again" in out and "killed (SIGKILL)" in out, out[-3000:]
+    assert "signal received again" in out and "it started (flow runs) still running" in out and "killed (SIGKILL)" in out, out[-3000:]
 
 
 def test_sigint_during_start_up_stops_what_was_started(serve_project, tmp_path):

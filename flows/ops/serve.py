@@ -40,6 +40,7 @@ BIN = Path(sys.executable).parent
 #: Seconds a process group gets between SIGTERM and SIGKILL; a repeated signal cuts it to HURRY_S.
 GRACE_S = 15.0
 HURRY_S = 3.0
+HURRY_NOTICE = "signal received again"
 
 
 class Interrupted(Exception):
@@ -268,11 +269,12 @@ def stop(proc: subprocess.Popen | None, grace: float = GRACE_S, hurry: Callable[
             hurried = True
             deadline = min(deadline, time.monotonic() + HURRY_S)
             if say is not None:
-                say(f"signal received again: {name} (pid {proc.pid}) gets SIGKILL in {max(0.0, deadline - time.monotonic()):.0f} s")
+                say(f"{HURRY_NOTICE}: {name} (pid {proc.pid}) gets SIGKILL in {max(0.0, deadline - time.monotonic()):.0f} s")
         if time.monotonic() >= deadline:
             break
         time.sleep(0.1)
     waited = time.monotonic() - t0
+    stuck = _groups_alive(groups)
     _signal_groups(groups, signal.SIGKILL)
     end = time.monotonic() + 10
     while _groups_alive(groups) and time.monotonic() < end:
@@ -282,7 +284,9 @@ def stop(proc: subprocess.Popen | None, grace: float = GRACE_S, hurry: Callable[
     left = _groups_alive(groups)
     if left:
         return f"{name} (pid {proc.pid}): process group(s) {sorted(left)} still running after SIGKILL"
-    return f"{name} (pid {proc.pid}) still running {waited:.1f} s after SIGTERM: killed (SIGKILL)"
+    runs = sorted(stuck - {proc.pid})
+    who = "it" if not runs else f"{'it and ' if proc.pid in stuck else ''}process group(s) {runs} it started (flow runs)"
+    return f"{name} (pid {proc.pid}): {who} still running {waited:.1f} s after SIGTERM: killed (SIGKILL)"
 
 
 def _reap(proc: subprocess.Popen) -> None:
@@ -338,6 +342,16 @@ class Stack:
     def close(self, hurry: Callable[[], bool] | None = None, say: Callable[[str], None] | None = None) -> list[str]:
         """Stop the workers first (they report to the server), then the server; returns what happened to each."""
         done = []
+        if say is not None:  # a repeated signal is announced once, not once per process still to stop
+            hurried, inner = [], say
+
+            def say(text: str) -> None:
+                if text.startswith(HURRY_NOTICE):
+                    if hurried:
+                        return
+                    hurried.append(text)
+                inner(text)
+
         server = frozenset({self.server.pid} if self.server is not None else ())
         for i, w in enumerate(self.workers):
             done.append(stop(w, hurry=hurry, say=say, name=f"worker{'' if len(self.workers) == 1 else f' {i}'}", others=server))
