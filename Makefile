@@ -30,9 +30,10 @@ test: setup
 test-fast: setup
 	python -m pytest -q -m "not slow"
 
-# Local Prefect server + worker + deployments (compress/local, retrain/nightly); Ctrl-C stops all.
+# Local Prefect server + worker + deployments (compress/local, retrain/nightly); Ctrl-C or SIGTERM
+# stops all. PORT=4300 make serve; SERVE_ARGS="--poll 1 --root DIR" passes options of shrinkflow serve.
 serve: setup
-	shrinkflow serve --port $(or $(PORT),4200)
+	shrinkflow serve --port $(or $(PORT),4200) $(SERVE_ARGS)
 
 clean:
 	rm -rf data/prepared models reports .dvc/tmp

@@ -111,6 +111,9 @@ def reproduce(root: Path, stage: str, log: Callable[[str], None] | None = None) 
     captured: list[str] = []
     try:
         with open_repo(root) as repo, _output_to(log, stage, captured):
+            # No "git add dvc.lock / dvc config core.autostage" hint after every stage: the
+            # orchestrator decides what is committed (the retrain flow commits the candidate).
+            repo.scm_context.quiet = True
             ran = repo.reproduce(stage, single_item=True)
     except DvcException as exc:
         lock = next((e for e in _chain(exc) if isinstance(e, LockError)), None)

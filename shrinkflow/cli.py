@@ -233,15 +233,19 @@ def serve(
     home: Annotated[Path | None, typer.Option(help="PREFECT_HOME (SQLite database, logs); default: Prefect's.")] = None,
     poll: Annotated[float | None, typer.Option(help="Worker poll interval in seconds (PREFECT_WORKER_QUERY_SECONDS).")] = None,
 ) -> None:
-    """Start a local Prefect server, the process work pool, the deployments and a worker; Ctrl-C stops them."""
+    """Start a local Prefect server, the process work pool, the deployments and a worker.
+
+    SIGINT (Ctrl-C) or SIGTERM stops the worker and its flow runs, then the server; a
+    second signal sends SIGKILL after a few seconds. Exit code 0 after a requested stop.
+    """
     from flows.ops.serve import serve as run_serve
 
     try:
         run_serve(root, home.resolve() if home else None, host, port, poll)
     except ShrinkflowError as exc:
         _fail(exc)
-    except KeyboardInterrupt:
-        typer.echo("interrupted during start-up; everything started was stopped.", err=True)
+    except KeyboardInterrupt:  # only before serve's own handlers were installed: nothing was started yet
+        typer.echo("interrupted before anything was started.", err=True)
         raise typer.Exit(130) from None
 
 

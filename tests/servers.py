@@ -5,7 +5,9 @@
   (started with setsid, 1 s poll). Test-process flows talk to it too.
 - ``s3_endpoint``: ``moto_server`` on 127.0.0.1 with one bucket, for DVC's S3 remote.
 
-Each is stopped by its PID (process group) when the session ends.
+Each is stopped by its PID (process group) when the session ends. The helpers at the
+end start ``make serve`` / ``shrinkflow serve`` as a terminal would and find what is
+left of a stack afterwards.
 """
 
 from __future__ import annotations
@@ -80,3 +82,40 @@ def prefect(stack: serve.Stack, *args: str, cwd: Path | None = None, timeout: fl
     """Run the ``prefect`` CLI against the test server."""
     return subprocess.run([str(BIN / "prefect"), "--no-prompt", *args], cwd=cwd, env=stack.env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+# ------------------------------------------------------------------ serve under signals
+
+
+def stack_processes(home: Path) -> list[str]:
+    """Processes (pid and command line) whose environment has ``PREFECT_HOME=home``: a stack's server,
+    worker and flow runs all inherit it."""
+    needle = f"PREFECT_HOME={home}".encode()
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if needle in (proc / "environ").read_bytes().split(b"\0"):
+                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                found.append(f"{proc.name} {cmdline}")
+        except OSError:  # gone, a zombie, or not ours
+            continue
+    return found
+
+
+def start_in_terminal(cmd: list[str], cwd: Path, env: dict[str, str], log: Path) -> subprocess.Popen:
+    """Start ``cmd`` as a terminal would start a job: a process group of its own (pgid = its pid),
+    so ``os.killpg`` reaches it and its children the way Ctrl-C and ``kill -- -PGID`` do."""
+    with open(log, "wb") as out:
+        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_for_output(proc: subprocess.Popen, log: Path, text: str, timeout: float = 240) -> str:
+    """Wait until ``text`` appears in ``log``; fail with the log if the process ends first."""
+    deadline = time.monotonic() + timeout
+    while text not in (out := log.read_text(errors="replace")):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(f"{text!r} not printed (exit {proc.poll()}):\n{out[-4000:]}")
+        time.sleep(0.2)
+    return out

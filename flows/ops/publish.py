@@ -1,4 +1,5 @@
-"""Publishing: push the pipeline's DVC outputs and run-cache to a DVC remote.
+"""Publishing: push the pipeline's DVC outputs and run-cache to a DVC remote, and the
+candidate commit and the registry's tags to a git remote.
 
 A local folder is the default remote (``dvc remote add -d store ../shrinkflow-store``);
 S3 works through dvc-s3 (``dvc remote add -d s3 s3://bucket/path``, plus ``endpointurl``
@@ -51,12 +52,54 @@ def push_outputs(root: Path, remote: str | None = None) -> Published:
     return Published(remote=remote, files=int(files or 0))
 
 
-def push_git(root: Path, git_remote: str = "origin") -> bool:
-    """Push HEAD and the registry's tags to ``git_remote`` when the repository has one."""
+class PushFailed(ShrinkflowError):
+    """``git push`` failed; ``rejected`` when the remote refused it (retrying cannot help)."""
+
+    def __init__(self, message: str, rejected: bool):
+        super().__init__(message)
+        self.rejected = rejected
+
+
+def has_git_remote(root: Path, git_remote: str) -> bool:
     from flows.ops.registry import git
 
-    if git_remote not in git(root, "remote").stdout.split():
-        return False
-    git(root, "push", git_remote, "HEAD")
-    git(root, "push", git_remote, "--tags")
-    return True
+    return git_remote in git(root, "remote").stdout.split()
+
+
+def remote_refs(root: Path, git_remote: str, refs: list[str]) -> dict[str, str]:
+    """``git ls-remote``: the object id each of ``refs`` (full names) has on the remote; absent ones are left out."""
+    from flows.ops.registry import git
+
+    if not refs:
+        return {}
+    out = git(root, "ls-remote", git_remote, *refs).stdout
+    found = {ref: oid for oid, ref in (line.split("\t", 1) for line in out.splitlines() if "\t" in line)}
+    return {ref: found[ref] for ref in refs if ref in found}
+
+
+def missing_tags(root: Path, git_remote: str, tags: dict[str, str]) -> list[str]:
+    """Those of ``tags`` (name → object id) the remote does not have: what a later run pushes."""
+    from flows.ops.registry import git
+
+    out = git(root, "ls-remote", "--tags", git_remote).stdout
+    there = {line.split("\t", 1)[1] for line in out.splitlines() if "\t" in line}
+    return sorted(t for t in tags if f"refs/tags/{t}" not in there)
+
+
+def push_git(root: Path, git_remote: str, refspecs: list[str]) -> None:
+    """Push ``refspecs`` atomically: the remote takes all of them or none.
+
+    Raises:
+        PushFailed: with ``rejected`` set when the remote refused (non-fast-forward, a
+            checked-out branch, a tag that exists): a retry cannot succeed.
+    """
+    from flows.ops.registry import git
+
+    if not refspecs:
+        return
+    proc = git(root, "push", "--atomic", "--porcelain", git_remote, *refspecs, check=False)
+    if proc.returncode == 0:
+        return
+    text = "\n".join(ln for ln in (proc.stdout + "\n" + proc.stderr).splitlines() if ln.strip() and ln.strip() != "Done")
+    rejected = "rejected" in text or "atomic push failed" in text
+    raise PushFailed(f"git push {git_remote} {' '.join(refspecs)} {'was refused' if rejected else 'failed'}: {text.strip()}", rejected)

@@ -3,8 +3,13 @@
 A promoted model is a git commit whose ``dvc.lock`` pins the model files. GTO marks it
 with an annotated tag per version (``NAME@v0.0.3``) and moves a stage (``NAME#prod#N``)
 to it. The version tag's message carries the model's record (final variant, its file,
-its metrics) as JSON, so the production model's numbers travel with ``git push --tags``
-and need no other store.
+its metrics) as JSON, so the production model's numbers travel with the tags and need
+no other store.
+
+The retrain flow builds each candidate as a commit *beside* the branch (a temporary
+index: ``candidate_commit``); the branch moves to it (``advance``) only once the remote
+has it, and a candidate that is not promoted is kept on ``rejected/NAME/TIMESTAMP``
+(``archive``), so the workspace and the branch never hold a rejected candidate.
 """
 
 from __future__ import annotations
@@ -35,8 +40,9 @@ class Version:
     record: dict[str, Any]
 
 
-def git(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
+def git(root: Path, *args: str, check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run git in ``root`` (``env`` adds variables); raise ShrinkflowError with git's message when it fails."""
+    env = {**os.environ, **(env or {})}
     ident = _identity(root)
     if ident is not None:  # git has no identity: commit as the bot rather than fail
         env.setdefault("GIT_AUTHOR_NAME", ident[0])
@@ -68,26 +74,78 @@ def head(root: Path) -> str:
     return git(root, "rev-parse", "HEAD").stdout.strip()
 
 
-def commit_paths(root: Path, paths: list[str], message: str, force: list[str] = ()) -> bool:
-    """Commit ``paths`` (those that exist and git does not ignore) and ``force`` (even if ignored).
+def branch(root: Path) -> str | None:
+    """The checked-out branch, or None when HEAD is detached."""
+    proc = git(root, "symbolic-ref", "-q", "--short", "HEAD", check=False)
+    return proc.stdout.strip() or None
 
-    Returns False when nothing changed.
-    """
+
+def _committable(root: Path, paths: list[str], force: list[str]) -> tuple[list[str], list[str]]:
     wanted = [p for p in paths if (root / p).exists() and git(root, "check-ignore", "-q", p, check=False).returncode != 0]
-    if wanted:
-        git(root, "add", "-A", "--", *wanted)
-    forced = [p for p in force if (root / p).exists()]
-    if forced:
-        git(root, "add", "-f", "-A", "--", *forced)
-    if git(root, "diff", "--cached", "--quiet", check=False).returncode == 0:
-        return False
-    git(root, "commit", "-q", "-m", message)
-    return True
+    return wanted, [p for p in force if (root / p).exists()]
 
 
-def same_model(root: Path, commit: str) -> bool:
-    """True when HEAD pins the same pipeline results as ``commit`` (identical dvc.lock and params.yaml)."""
-    return git(root, "diff", "--quiet", commit, "HEAD", "--", "dvc.lock", "params.yaml", check=False).returncode == 0
+def candidate_commit(root: Path, paths: list[str], message: str, force: list[str] = ()) -> str:
+    """A commit on top of HEAD holding ``paths`` (those git does not ignore) and ``force`` (even if ignored).
+
+    Built in a temporary index: no branch moves and the user's index is untouched, so the
+    commit can become the branch's next commit (``advance``) or be archived (``archive``).
+    Returns HEAD itself when the files are already as committed.
+    """
+    import tempfile
+
+    wanted, forced = _committable(root, list(paths), list(force))
+    parent = head(root)
+    with tempfile.TemporaryDirectory(prefix="shrinkflow-index-") as tmp:
+        env = {"GIT_INDEX_FILE": str(Path(tmp) / "index")}
+        git(root, "read-tree", parent, env=env)
+        if wanted:
+            git(root, "add", "-A", "--", *wanted, env=env)
+        if forced:
+            git(root, "add", "-f", "-A", "--", *forced, env=env)
+        tree = git(root, "write-tree", env=env).stdout.strip()
+    if tree == git(root, "rev-parse", f"{parent}^{{tree}}").stdout.strip():
+        return parent
+    return git(root, "commit-tree", tree, "-p", parent, "-m", message).stdout.strip()
+
+
+def committed_paths(root: Path, commit: str) -> list[str]:
+    """Paths ``commit`` changed relative to its first parent."""
+    return [p for p in git(root, "diff-tree", "--no-commit-id", "--name-only", "-r", f"{commit}^", commit).stdout.splitlines() if p]
+
+
+def advance(root: Path, commit: str, expected: str) -> None:
+    """Make ``commit`` (a child of ``expected``) the checked-out branch's head and stage its files.
+
+    Compare-and-swap: fails if HEAD moved away from ``expected`` meanwhile. Only the index
+    entries of the files the commit changed are updated; the working tree already holds them.
+    """
+    if commit == expected:
+        return
+    git(root, "update-ref", "-m", "retrain: promote candidate", "HEAD", commit, expected)
+    changed = committed_paths(root, commit)
+    if changed:
+        git(root, "reset", "-q", commit, "--", *changed)
+
+
+def archive(root: Path, commit: str, name: str = DEFAULT_NAME) -> str:
+    """Keep ``commit`` on a branch ``rejected/NAME/UTC-TIMESTAMP``; returns the branch name."""
+    import datetime
+
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%d-%H%M%S")
+    ref, n = f"rejected/{name}/{stamp}", 1
+    while git(root, "rev-parse", "-q", "--verify", f"refs/heads/{ref}", check=False).returncode == 0:
+        n += 1
+        ref = f"rejected/{name}/{stamp}-{n}"
+    git(root, "update-ref", f"refs/heads/{ref}", commit)
+    return ref
+
+
+def same_model(root: Path, commit: str, other: str | None = "HEAD") -> bool:
+    """True when ``other`` (a commit; None: the working tree) pins the same pipeline results as ``commit``:
+    identical dvc.lock and params.yaml."""
+    revs = [commit] if other is None else [commit, other]
+    return git(root, "diff", "--quiet", *revs, "--", "dvc.lock", "params.yaml", check=False).returncode == 0
 
 
 def _record_from_message(message: str) -> dict[str, Any]:
@@ -127,11 +185,24 @@ def version_at(root: Path, commit: str, name: str = DEFAULT_NAME) -> str | None:
     return found[0] if found else None
 
 
-def register_and_assign(root: Path, record: dict[str, Any], name: str = DEFAULT_NAME, stage: str = DEFAULT_STAGE) -> Version:
-    """Register HEAD as the next version of ``name`` (unless it already is one) and assign ``stage`` to it."""
+def registry_tags(root: Path, name: str = DEFAULT_NAME) -> dict[str, str]:
+    """GTO's tags of ``name`` (versions ``NAME@v..`` and assignments ``NAME#STAGE#N``) → tag object id."""
+    out = git(root, "for-each-ref", "--format=%(refname:short) %(objectname)", f"refs/tags/{name}@*", f"refs/tags/{name}#*").stdout
+    return dict(line.split(" ", 1) for line in out.splitlines() if line)
+
+
+def delete_tags(root: Path, tags: list[str]) -> None:
+    """Delete local tags (the rollback of an assignment that could not be published)."""
+    if tags:
+        git(root, "tag", "-d", *tags)
+
+
+def register_and_assign(root: Path, record: dict[str, Any], name: str = DEFAULT_NAME, stage: str = DEFAULT_STAGE,
+                        commit: str | None = None) -> Version:
+    """Register ``commit`` (default HEAD) as the next version of ``name`` (unless it already is one) and assign ``stage`` to it."""
     from gto import api
 
-    commit = head(root)
+    commit = commit or head(root)
     author, email = _author(root)
     existing = version_at(root, commit, name)
     if existing is None:
