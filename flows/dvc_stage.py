@@ -10,7 +10,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from flows.ops.dvcrepo import WorkspaceBusy, lock_holder, open_repo
+from flows.ops.dvcrepo import WorkspaceBusy, lock_holder, open_repo, stage_error
 from shrinkflow.errors import ShrinkflowError
 
 
@@ -36,17 +36,6 @@ class StageFailed(ShrinkflowError):
         self.stage = stage
         self.exit_code = status if status else 1
         super().__init__(f"stage {stage!r} failed{f' (exit {status})' if status else ''}: {message}")
-
-
-def stage_error(output: str) -> str | None:
-    """The stage command's own error in what it printed: from its last ``error:`` line on (a
-    message may span lines), else the last line of a Python traceback; None if neither."""
-    lines = [ln.rstrip() for ln in output.splitlines() if ln.strip()]
-    starts = [i for i, ln in enumerate(lines) if ln.startswith("error: ")]
-    if starts:
-        return "\n".join(lines[starts[-1]:]).removeprefix("error: ")
-    tb = [ln for ln in lines if re.match(r"^[A-Za-z_.]*(Error|Exception|Diverged|Interrupt)\b.*", ln)]
-    return tb[-1] if tb else None
 
 
 @contextlib.contextmanager

@@ -182,3 +182,17 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path)
     elif path.exists() or path.is_symlink():
         path.unlink()
+
+
+def stage_error(output: str) -> str | None:
+    """The stage command's own error in what it printed: from its last ``error:`` line on (a
+    message may span lines; DVC's ``ERROR:`` line ends it), else the last line of a Python
+    traceback; None if neither."""
+    lines = [ln.rstrip() for ln in output.splitlines() if ln.strip()]
+    starts = [i for i, ln in enumerate(lines) if ln.startswith("error: ")]
+    if starts:
+        rest = lines[starts[-1]:]
+        end = next((i for i, ln in enumerate(rest) if ln.startswith("ERROR: ")), len(rest))  # DVC's own line after it
+        return "\n".join(rest[:end]).removeprefix("error: ")
+    tb = [ln for ln in lines if re.match(r"^[A-Za-z_.]*(Error|Exception|Diverged|Interrupt)\b.*", ln)]
+    return tb[-1] if tb else None

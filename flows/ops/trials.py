@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from flows.ops.dvcrepo import stage_error
 from flows.ops.serve import prefect_env, stop
 from flows.ops.study import StageReporter
 from schemas.metrics import Metrics
@@ -122,13 +123,13 @@ def _stage_lines(output: str) -> tuple[list[str], list[str]]:
 
 
 def failure_reason(output: str) -> str:
-    """The most useful line of a failed ``dvc repro``: the stage's own error, else its last traceback line."""
+    """The most useful line of a failed ``dvc repro``: the stage's own error (on one line), else DVC's last ERROR line."""
     lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
     stage = next((m.group(1) for ln in lines if (m := re.search(r"failed to reproduce '([^']+)'", ln))), None)
-    err = next((ln.removeprefix("error: ") for ln in lines if ln.startswith("error: ")), None)
-    if err is None:
-        tb = [ln for ln in lines if re.match(r"^[A-Za-z_.]*(Error|Exception|Diverged)\b.*:", ln)]
-        err = tb[-1] if tb else next((ln for ln in reversed(lines) if ln.startswith("ERROR")), lines[-1] if lines else "no output")
+    own = stage_error(output)
+    err = " ".join(ln.strip() for ln in own.splitlines()) if own else next(
+        (ln for ln in reversed(lines) if ln.startswith("ERROR")), lines[-1] if lines else "no output"
+    )
     return f"{stage}: {err}" if stage else err
 
 
