@@ -75,6 +75,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["PREFECT_HOME"] = str(Path(tmp) / "prefect-home")  # a throwaway ephemeral server
         root = make_project(Path(tmp) / "proj", args.source)
+        os.environ["PYTHONPATH"] = str(root)  # stage commands import the clone's code, not the editable install's tree
         print("seed 0 → production ...", flush=True)
         first = retrain(root=str(root), return_state=True)
         assert first.name == "Promoted", first.message

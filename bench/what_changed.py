@@ -55,6 +55,8 @@ def one_seed(seed: int, sparsities: list[float], mnist: Path, env: dict[str, str
     with tempfile.TemporaryDirectory() as tmp:
         proj = Path(tmp) / "proj"
         subprocess.run(["git", "clone", "-q", str(REPO), str(proj)], check=True)
+        # The clone's own code first: the venv's editable install points at this checkout's working tree.
+        env = {**env, "PYTHONPATH": str(proj)}
         for s in sparsities:
             cmd = [str(BIN / "shrinkflow"), "run", "--params", PRESET, "--set", f"data.path={mnist}",
                    "--set", f"seed={seed}", "--set", f"prune.sparsity={s}", *[a for x in extra for a in ("--set", x)]]
