@@ -16,14 +16,14 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from flows.dvc_stage import reproduce
-from flows.ops.dvcrepo import WorkspaceBusy, workspace_lock
+from flows.ops.dvcrepo import Snapshot, WorkspaceBusy, workspace_lock
 from schemas.changes import ChangesReport
 from schemas.metrics import Metrics
 from schemas.outputs import read_manifest
 from schemas.paths import STAGES, StagePaths
 from shrinkflow.changes import render_summary
-from shrinkflow.config import PARAMS_FILE, apply_to_params_file
-from shrinkflow.io import atomic_path
+from shrinkflow.config import PARAMS_FILE, apply_to_params_file, read_yaml
+from shrinkflow.errors import ShrinkflowError
 from shrinkflow.report import render_table
 
 
@@ -80,22 +80,30 @@ def compress(root: str = ".", params_file: str | None = None, overrides: list[st
 
     params.yaml is edited only while holding DVC's repository lock (refused at once,
     ``WorkspaceBusy``, when a `dvc repro` is running there), after validation: invalid
-    params fail the run before any stage starts. A run that fails puts params.yaml back
-    as it was (stages that had already run stay recorded in dvc.lock with the edited
-    params, so `dvc status` shows them as changed: the truth).
+    params fail the run before any stage starts. A run that fails leaves the workspace as
+    it was before it: params.yaml, dvc.lock and every pipeline output (DVC deletes a
+    stage's outputs before running it; the last good ones come back from DVC's cache).
+    What the stages that finished computed stays in DVC's run-cache, so rerunning after a
+    fix restores it instead of recomputing.
     """
     rootp = Path(root).resolve()
     params_path = rootp / PARAMS_FILE
-    before = params_path.read_bytes() if params_path.is_file() else None
-    if params_file or overrides:
-        with workspace_lock(rootp):
-            apply_to_params_file(params_path, Path(params_file) if params_file else None, overrides or [])
+    snapshot = Snapshot.take(rootp, _data_path(params_path))
     try:
-        results = [stage(name, str(rootp)) for name in STAGES]
-    except BaseException:
-        if before is not None and params_path.read_bytes() != before:
-            _restore(params_path, before)
-        raise
+        if params_file or overrides:
+            with workspace_lock(rootp):
+                apply_to_params_file(params_path, Path(params_file) if params_file else None, overrides or [])
+        try:
+            results = [stage(name, str(rootp)) for name in STAGES]
+        except WorkspaceBusy:
+            raise  # another run holds the workspace: it is theirs to change, not ours to restore
+        except BaseException:
+            problems = snapshot.restore()
+            if problems:
+                get_run_logger().warning("the workspace was not fully restored: %s", "; ".join(problems))
+            raise
+    finally:
+        snapshot.close()
     metrics = Metrics.read(rootp)
     evaluation = results[-1].manifest
     verdict = "passed" if evaluation["passed"] else "FAILED: " + ", ".join(g["name"] for g in evaluation["gates"] if not g["passed"])
@@ -109,11 +117,12 @@ def compress(root: str = ".", params_file: str | None = None, overrides: list[st
 
 
 
-def _restore(params_path: Path, before: bytes) -> None:
-    """Put params.yaml back after a failed run (under the lock; left as it is if the workspace is busy)."""
+def _data_path(params_path: Path) -> str:
+    """data.path of a params file as written (its .dvc file, if any, is part of the workspace to keep)."""
+    from schemas.data import DigitsData
+
     try:
-        with workspace_lock(params_path.parent):
-            with atomic_path(params_path) as tmp:
-                tmp.write_bytes(before)
-    except WorkspaceBusy as exc:
-        get_run_logger().warning("params.yaml not restored: %s", exc)
+        data = (read_yaml(params_path) or {}).get("data") or {}
+    except ShrinkflowError:  # missing or unreadable: the run fails on it before changing anything
+        data = {}
+    return str(data.get("path") or DigitsData.model_fields["path"].default)

@@ -253,6 +253,22 @@ def test_a_failing_stage_ends_the_run_with_its_own_message_and_status(project):
     assert (project / "params.yaml").read_bytes() == before  # the failed run's edit was undone
 
 
+@pytest.mark.slow
+def test_a_failed_run_leaves_the_workspace_as_it_was(project):
+    """DVC deletes a stage's outputs before running it: a failed run brings the last good ones back."""
+    dvc(project, "repro")
+    kept = ["params.yaml", "dvc.lock", "reports/metrics.json",
+            *(str(p.relative_to(project)) for p in sorted((project / "models").rglob("*")) if p.is_file())]
+    before = {p: (project / p).read_bytes() for p in kept}
+    # A student class that imports (validate passes) but cannot be built: the distill stage fails.
+    proc = sh([str(BIN / "shrinkflow"), "run", "--set", "distill.student={arch: module, import: 'torch.nn:Linear'}"],
+              project, check=False)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "stage 'distill' failed (exit 2): distill.student: torch.nn:Linear" in proc.stderr and "Traceback" not in proc.stderr
+    assert {p: (project / p).read_bytes() for p in kept} == before
+    assert "up to date" in dvc(project, "status").stdout
+
+
 # ------------------------------------------------------------------ 6. data validation in the data stage
 
 
