@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from presets import BIN, ROOT, clone, env, head, write_results
 
 FAST = ["train_teacher.epochs=3", "prune.finetune.epochs=1", "distill.epochs=1",
@@ -133,10 +134,14 @@ def main() -> None:
         return cli(ws, "validate", str(bad))
 
     base = (ws / "params.yaml").read_text()
-    scenario("`model.import: no_such_pkg.models:Net` → `shrinkflow validate`", lambda: validate_with(
-        base.replace("train_teacher:\n", "train_teacher:\n  model: {arch: module, import: 'no_such_pkg.models:Net'}\n", 1).encode()))
-    scenario("`model.import: os:system` → `shrinkflow validate`", lambda: validate_with(
-        base.replace("train_teacher:\n", "train_teacher:\n  model: {arch: module, import: 'os:system'}\n", 1).encode()))
+
+    def with_model(target: str) -> bytes:
+        data = yaml.safe_load(base)
+        data["train_teacher"]["model"] = {"arch": "module", "import": target}
+        return yaml.safe_dump(data, sort_keys=False).encode()
+
+    scenario("`model.import: no_such_pkg.models:Net` → `shrinkflow validate`", lambda: validate_with(with_model("no_such_pkg.models:Net")))
+    scenario("`model.import: os:system` → `shrinkflow validate`", lambda: validate_with(with_model("os:system")))
     scenario("a Latin-1 byte in params → `shrinkflow validate`", lambda: validate_with(base.encode() + b"\n# caf\xe9\n"))
     scenario("800,000 unknown keys → `shrinkflow validate`", lambda: validate_with(
         ("\n".join(f"k{i}: 1" for i in range(800_000)) + "\n").encode()))
