@@ -93,7 +93,7 @@ def test_a_deep_compression_recipe_on_digits_lands_in_the_file(tmp_path, caplog)
     over = [
         *FAST, "train_teacher.model={arch: mlp, hidden: [64, 32]}",
         "prune={method: magnitude, scope: layer, layers: {net.1: 0.9, net.3: 0.8, net.5: 0.5}, schedule: iterative, "
-        "steps: [0.5, 1.0], step_epochs: [1, 3], finetune: {distill_from_teacher: true, optimizer: {lr: 0.01, "
+        "steps: [0.5, 1.0], step_epochs: [1, 3], dead_units: false, finetune: {distill_from_teacher: true, optimizer: {lr: 0.01, "
         "lr_schedule: {name: multistep, milestones: [1, 2], gamma: 0.5}}}}",
         "quantize={method: kmeans, layer_bits: {net.1: 5, net.3: 4, net.5: 3}, finetune: {epochs: 1, distill_from_teacher: true}}",
         "distill.enabled=false", "evaluate.pack=student",
@@ -106,6 +106,7 @@ def test_a_deep_compression_recipe_on_digits_lands_in_the_file(tmp_path, caplog)
             out[s] = run_stage(s, params, tmp_path)
             if s in ("prune", "quantize"):  # both fine-tunings read the teacher's stored soft targets
                 assert "teacher outputs read from outputs.pt" in caplog.text, s
+    # dead_units: false above keeps every layer's shape, so each density is the preset's own.
     targets = {"net.1.weight": 0.9, "net.3.weight": 0.8, "net.5.weight": 0.5}
     for k, t in targets.items():
         assert out["prune"].layer_sparsity[k] == pytest.approx(t, abs=0.005), k

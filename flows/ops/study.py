@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -56,11 +57,21 @@ def study_name(sweep: Sweep) -> str:
 
 def storage(url: str) -> optuna.storages.RDBStorage:
     """An RDB storage; SQLite waits for the lock (the driver and the workers write to one file)."""
+    from sqlalchemy.exc import IntegrityError
+
     kwargs: dict[str, Any] = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-    try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
-    except Exception as exc:  # a bad URL, a missing driver, an unreachable server
-        raise InputError(f"study.storage {url!r}: cannot open the Optuna storage ({type(exc).__name__}: {exc})") from None
+    for attempt in range(3):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+        except IntegrityError:
+            # Another process created the same new database at the same moment (both insert its schema
+            # version); once that row is there, opening it again simply finds it.
+            if attempt == 2:
+                raise InputError(f"study.storage {url!r}: the storage's schema could not be initialised") from None
+            time.sleep(0.5)
+        except Exception as exc:  # a bad URL, a missing driver, an unreachable server
+            raise InputError(f"study.storage {url!r}: cannot open the Optuna storage ({type(exc).__name__}: {exc})") from None
+    raise AssertionError("unreachable")
 
 
 # ------------------------------------------------------------------ the search space and samplers
