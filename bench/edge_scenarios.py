@@ -48,8 +48,15 @@ def snapshot(ws: Path) -> dict[str, str]:
 def message(proc: subprocess.CompletedProcess) -> str:
     """The first line that says what went wrong (or the last line of output when it went right)."""
     lines = [ln.strip() for ln in (proc.stderr + "\n" + proc.stdout).splitlines() if ln.strip()]
-    bad = [ln for ln in lines if ln.lower().startswith(("error", "invalid", "refused")) or "error:" in ln.lower()]
-    return (bad or lines[-1:] or [""])[0][:160]
+    failed = [ln for ln in lines if ln.endswith("FAIL") or " FAIL (" in ln]  # a failed gate
+    bad = [i for i, ln in enumerate(lines) if ln.lower().startswith(("error", "invalid", "refused")) or "error:" in ln.lower()]
+    if failed:
+        return failed[0][:200]
+    if not bad:
+        return (lines[-1:] or [""])[0][:200]
+    i = bad[0]
+    text = lines[i] + (" " + lines[i + 1] if lines[i].endswith(":") and i + 1 < len(lines) else "")  # a list of problems follows
+    return text[:200]
 
 
 def evil_header(marker: Path, spec: dict | None = None) -> dict:
@@ -186,7 +193,9 @@ def main() -> None:
     for r in rows:
         lost = "n/a (meant to run)" if r["expect_change"] else ("yes" if not r["changed"] else "NO: " + ", ".join(r["changed"]))
         print(f"| {r['scenario']} | {r['exit']} | {r['message'].replace('|', '/')} | {r['tracebacks']} | {'YES' if r['marker'] else 'no'} | {lost} |")
-    print(f"\nparams.yaml mode after `run --set` (umask {oct(os.umask(os.umask(0)))}): {mode}")
+    umask = os.umask(0)
+    os.umask(umask)
+    print(f"\nparams.yaml mode after `run --set` (umask {oct(umask)}): {mode}")
 
 
 if __name__ == "__main__":
