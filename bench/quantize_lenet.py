@@ -67,7 +67,7 @@ def lenet5(common: list[str], workdir: Path) -> dict:
         "static": onnxruntime_latency(runs["static"], ["teacher", "quantized"], 2.0),
         "structured+static": onnxruntime_latency(runs["structured+static"], ["teacher", "pruned", "quantized"], 2.0),
     }
-    for name, run in runs.items():
+    for run in runs.values():
         m = run.metrics
         print(f"\n`{run.command}` ({m['teacher'].runtime}, 1 thread; dvc repro {run.seconds:.0f} s)\n")
         print("| LeNet-5 | file bytes | test acc | batch 1 | batch 256 |\n|---|---|---|---|---|")

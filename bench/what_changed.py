@@ -138,7 +138,7 @@ def main() -> None:
     for s in sp:
         for v in VARIANTS[1:]:
             ch = [runs[k][s]["changes"]["variants"][v] for k in args.seeds]
-            mean = lambda key: statistics.mean(c[key] for c in ch)  # noqa: E731
+            mean = lambda key, ch=ch: statistics.mean(c[key] for c in ch)  # noqa: E731
             print(f"| {float(s):.0%} | {v} | {mean('newly_wrong'):.1f} | {mean('newly_right'):.1f} | "
                   f"{mean('both_wrong_changed'):.1f} | {100 * mean('agreement'):.2f} |")
 

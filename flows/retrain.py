@@ -48,7 +48,7 @@ from pydantic import BaseModel, Field
 
 from flows.compress import changes_artifact
 from flows.compress import stage as reproduce_stage
-from flows.ops.dvcrepo import Snapshot, open_repo, pipeline_outputs, workspace_lock
+from flows.ops.dvcrepo import Snapshot, WorkspaceBusy, open_repo, pipeline_outputs, workspace_lock
 from schemas.metrics import Metrics
 from schemas.outputs import GateResult, read_manifest
 from schemas.paths import STAGES, StagePaths
@@ -429,6 +429,9 @@ def retrain(
             changes_artifact(rootp, "retrain-changes")
             metrics = Metrics.read(rootp)
             report = check_gates(str(rootp), model_name, stage, significance, max_regression)
+        except WorkspaceBusy as exc:  # another run holds the workspace: it is theirs, nothing here to restore
+            pending = False
+            return finish(Failed, "Failed", f"not promoted: {_short(exc)}; production unchanged ({prod_now})")
         except Exception as exc:
             _log_unexpected(logger, exc)
             return finish(Failed, "Failed", f"not promoted: {_short(exc)}; production unchanged ({prod_now}); {give_up(_short(exc))}")

@@ -43,7 +43,7 @@ class _Common(Section):
 
 
 class _PruneBase(_Common):
-    sparsity: float = Field(0.8, gt=0, lt=1, description="Fraction of prunable weights (Linear/Conv weights, not biases) set to zero.")
+    sparsity: float = Field(0.8, gt=0, lt=1, description="Fraction of prunable weights set to zero (Linear/Conv weights, LSTM/GRU input and recurrent matrices, attention input projections; never biases or norms).")
     layers: dict[str, float] = Field(
         default_factory=dict,
         description=f"Per-layer targets overriding `sparsity`: {{pattern: sparsity}}. {_PATTERNS}; the last matching pattern wins.",

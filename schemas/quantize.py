@@ -91,7 +91,8 @@ class KMeansQuant(_QuantizeBase):
     layer_bits: dict[str, Bits | None] = Field(
         default_factory=dict,
         description="Per-layer bits by layer-name pattern (fnmatch, e.g. {'net.0': 8, 'classifier.*': 5}); the first "
-        "matching pattern wins, null keeps that layer float. Other Linear/Conv layers use bits (fixed or auto).",
+        "matching pattern wins, null keeps that layer float. Every other prunable weight (Linear/Conv, LSTM/GRU matrices, "
+        "attention input projections) uses bits (fixed or auto).",
     )
     finetune: Finetune = Field(
         default_factory=lambda: Finetune(epochs=1),

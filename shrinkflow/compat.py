@@ -38,6 +38,14 @@ def prune_refusal(model: nn.Module, header: ModelHeader, params: Any) -> str | N
             check_patterns([layer_name(k) for k in prunable(model)], dict(params.layers), list(params.skip))
         except ShrinkflowError as exc:
             return str(exc)
+    if params.method == "variational":
+        from shrinkflow.pruning.variational import variational_layers
+
+        try:
+            if not variational_layers(model, list(params.skip)):
+                return "prune.method variational: the model has no Linear or Conv layer left to train variationally; use magnitude"
+        except ShrinkflowError as exc:
+            return str(exc)
     if params.method == "structured":
         from shrinkflow.pruning.structured import StructuredPruner
 

@@ -171,3 +171,26 @@ def test_the_prune_stage_removes_dead_units(tmp_path):
     out_off = run_stage("prune", off, root)
     assert out_off.dead_units is None
     assert load_model(StagePaths(root).model("prune"))[0].net[1].weight.shape[0] == 128
+
+
+@pytest.mark.parametrize("sparsity", [0.9, 0.98])
+def test_a_transformer_magnitude_pruned_hard_keeps_its_predictions(sparsity, tmp_path):
+    """A ViT's Linears see [batch, tokens, features] and its fused qkv is split into heads: dead-unit removal
+    must read the feature dimension and keep qkv's width, and the file must load to the same outputs."""
+    from shrinkflow.masks import prunable
+
+    h = _header({"arch": "transformer", "patch": 4, "dim": 32, "depth": 1, "heads": 2, "mlp": 64})
+    torch.manual_seed(0)
+    model = h.build().eval()
+    with torch.no_grad():
+        for _, w in prunable(model).items():  # per-layer magnitude pruning, hard
+            k = int(sparsity * w.numel())
+            w[w.abs() <= w.abs().flatten().kthvalue(k).values] = 0
+    X = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    before = model(X)
+    out, header, removed = remove_dead_units(copy.deepcopy(model), h, probe=X)
+    _close(out(X), before)
+    save_model(out, tmp_path / "vit.pt", header)
+    loaded, _ = load_model(tmp_path / "vit.pt")
+    _close(loaded(X), before)
+    assert removed and all("qkv" not in name for name in removed)  # MLP units went, qkv kept its width

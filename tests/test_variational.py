@@ -12,13 +12,13 @@ import torch
 import shrinkflow
 from schemas.common import Finetune, Optimizer
 from schemas.data import DigitsData
+from schemas.distill import LogitsDistill
 from schemas.params import Params
 from schemas.prune import MagnitudePrune, VariationalPrune
-from schemas.distill import LogitsDistill
 from schemas.quantize import DynamicQuant, KMeansQuant, StaticQuant
 from shrinkflow.artifacts import ModelHeader, save_model, to_float
-from shrinkflow.distillation import distill
 from shrinkflow.data import prepare
+from shrinkflow.distillation import distill
 from shrinkflow.errors import ParamsError
 from shrinkflow.loading import load_model
 from shrinkflow.methods import Env
@@ -209,3 +209,26 @@ def test_the_max_preset_runs_through_dvc_repro(tmp_path):
     report = (root / "reports/report.md").read_text()
     assert "## k-means bit widths" in report
     assert ("| structure |" in report) == bool(prune["dead_units"])
+
+
+def test_attention_output_projections_are_not_trained_variationally():
+    """nn.MultiheadAttention reads out_proj.weight without calling out_proj: its noise would never reach training."""
+    from torch import nn
+
+    from shrinkflow.pruning.variational import variational_layers
+
+    class WithAttention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.head = nn.Linear(8, 3)
+
+    assert set(variational_layers(WithAttention(), [])) == {"head"}
+
+
+def test_a_variational_skip_pattern_that_matches_nothing_is_refused_before_training(teacher):
+    from shrinkflow.compat import prune_refusal
+
+    refusal = prune_refusal(teacher[0], teacher[1], VD.model_copy(update={"skip": ["net.9"]}))
+    assert refusal is not None and "net.9" in refusal
+    assert prune_refusal(teacher[0], teacher[1], VD) is None

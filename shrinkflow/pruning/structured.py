@@ -172,7 +172,7 @@ def _unit_scores(layer: nn.Module, p: int) -> torch.Tensor:
     return score
 
 
-def _attention_heads(model: nn.Module) -> dict[nn.Module, int]:
+def attention_heads(model: nn.Module) -> dict[nn.Module, int]:
     """{fused qkv Linear: number of heads} of every attention written like ``models.Attention`` or timm's."""
     out = {}
     for m in model.modules():
@@ -234,7 +234,7 @@ class StructuredPruner:
         layers, skip = dict(params.layers), list(params.skip)
         check_patterns(list(modules), layers, skip)
         customized = _customized()
-        heads = _attention_heads(model)
+        heads = attention_heads(model)
         ignored = output_layers(model, ex) + [m for n, m in modules.items() if any(fnmatchcase(n, p) for p in skip)]
         if heads:
             ignored += _residual_roots(model, ex, customized)
@@ -284,15 +284,21 @@ def _scheduler(ramp: Callable[[int, int], float]) -> Callable[[float, int], list
     return scheduler
 
 
-def _rebuild(model: nn.Module, entry: dict[str, Any], header: ModelHeader) -> nn.Module:
+def dependency_graph(model: nn.Module, input_shape: list[int]) -> Any:
+    """Torch-Pruning's dependency graph of ``model`` (recurrent layers through ``RecurrentPruner``), as
+    every removal here is recorded and replayed."""
     import torch_pruning as tp
 
     # Torch-Pruning traces with autograd: loading inside torch.no_grad() must work too.
     with torch.enable_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"Unwrapped parameters detected")
-        dg = tp.DependencyGraph().build_dependency(
-            model.eval(), example_inputs=example_input(header.input_shape), customized_pruners=_customized(), verbose=False
+        return tp.DependencyGraph().build_dependency(
+            model.eval(), example_inputs=example_input(input_shape), customized_pruners=_customized(), verbose=False
         )
+
+
+def _rebuild(model: nn.Module, entry: dict[str, Any], header: ModelHeader) -> nn.Module:
+    dg = dependency_graph(model, header.input_shape)
     dg.load_pruning_history([(name, bool(out), list(idxs)) for name, out, idxs in entry["history"]])
     _sync_heads(model)
     return model

@@ -95,10 +95,6 @@ def make_variational(mod: nn.Module, init_log_sigma2: float, threshold: float) -
     mod.vd_threshold = threshold
 
 
-def is_variational(mod: nn.Module) -> bool:
-    return hasattr(mod, "log_sigma2") and hasattr(mod, "vd_threshold")
-
-
 def finalize(mod: nn.Module) -> int:
     """Zero the weights whose log α reaches the threshold, drop ``log σ²``, restore the plain layer; return how many were zeroed."""
     with torch.no_grad():
@@ -111,8 +107,14 @@ def finalize(mod: nn.Module) -> int:
 
 
 def variational_layers(model: nn.Module, skip: list[str]) -> dict[str, nn.Module]:
-    """The Linear/Conv layers to train variationally: all but the ``skip`` patterns."""
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, WEIGHTED)}
+    """The Linear/Conv layers to train variationally: all but the ``skip`` patterns.
+
+    An ``nn.MultiheadAttention``'s ``out_proj`` is left out: the attention reads its weight
+    directly instead of calling it, so its noise would never reach training. LSTM/GRU
+    matrices and attention input projections are not covered (they stay as they are).
+    """
+    inside_attention = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, WEIGHTED) and id(m) not in inside_attention}
     check_patterns(list(layers), {}, skip)
     return {n: m for n, m in layers.items() if not any(fnmatchcase(n, p) for p in skip)}
 

@@ -53,8 +53,8 @@ from shrinkflow.errors import ParamsError
 from shrinkflow.masks import RECURRENT, masks_from_zeros
 from shrinkflow.methods import Env
 from shrinkflow.quantization import static_fx
-from shrinkflow.quantization.static_fx import weight_range
 from shrinkflow.quantization._compat import quiet_torch_ao
+from shrinkflow.quantization.static_fx import weight_range
 
 #: The header transforms, named after the methods (both rebuild the same int8 graph).
 KIND, QAT_KIND = "static", "qat"

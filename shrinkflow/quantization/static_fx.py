@@ -17,8 +17,6 @@ the entry (``activations``) for re-quantizing after training.
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 from typing import Any
 
 import torch
