@@ -15,9 +15,9 @@ from schemas.params import EvaluateParams
 from schemas.paths import VARIANTS
 from shrinkflow import changes
 from shrinkflow.data import load_splits
+from shrinkflow.errors import ParamsError
 from shrinkflow.io import write_json, write_text
 from shrinkflow.loading import load_model
-from shrinkflow.errors import ParamsError
 from shrinkflow.measure import RUNTIMES, compiled, cpu_model, latencies_ms, macs, model_file, runtime_for, sparsity_of
 from shrinkflow.packing import pack_model, render
 from shrinkflow.report import quality_drop, render_table

@@ -504,7 +504,7 @@ def test_the_commands_of_docs_production_md_run(deployed, prefect_stack, s3_endp
         "make serve": None,  # DOC_SERVE: the signal tests run these
         "export PREFECT_API_URL=http://127.0.0.1:4200/api": (deployed, None, ["finished successfully in 'Unchanged'", "finished successfully in 'Completed'"]),
         "prefect deployment run 'retrain/nightly' --param significance=0.01 --watch": (deployed, None, ["finished successfully in 'Evaluated'"]),
-        "prefect deployment schedule ls retrain/nightly": (deployed, None, ["0 2 * * *", "resumed"]),
+        "prefect deployment schedule ls retrain/nightly": (deployed, None, ["0 2 * * *", "Resumed"]),
         "gto show shrinkflow": (deployed, None, ["shrinkflow@v0.0.", "# shrinkflow report", "min_compression_ratio"]),
         "dvc remote add -d store ../shrinkflow-store && git commit -m \"DVC remote\" .dvc/config": (clone, None, []),
         "dvc remote add -d s3 s3://my-bucket/shrinkflow": (clone, None, []),
