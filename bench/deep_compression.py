@@ -85,9 +85,11 @@ def main() -> None:
     args = ap.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="deep-compression-"))
     h = host()
-    runs = [one(net, seed, args.mnist.resolve(), workdir, args.cache or workdir / "cache", args.extra)
-            for net in args.nets for seed in args.seeds]
-    write_results(args.out, {"host": h, "runs": runs, "paper": PAPER})
+    runs = []
+    for net in args.nets:
+        for seed in args.seeds:
+            runs.append(one(net, seed, args.mnist.resolve(), workdir, args.cache or workdir / "cache", args.extra))
+            write_results(args.out, {"host": h, "runs": runs, "paper": PAPER})  # after every run: a long bench reports what it finished
     print(table(runs))
     print(f"\nhost: {h}\nraw figures: {args.out}")
 
