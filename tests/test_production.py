@@ -495,6 +495,13 @@ def test_the_commands_of_docs_production_md_run(deployed, prefect_stack, s3_endp
              "my-key": "testing", "my-secret": "testing"}
     env = {**project_env(), **s3_endpoint.env, "PREFECT_API_URL": prefect_stack.api_url, "PREFECT_HOME": prefect_stack.env["PREFECT_HOME"]}
 
+    def no_remotes() -> None:  # the docs start from a project without DVC remotes; earlier tests committed one
+        names = [ln.split()[0] for ln in dvc(clone, "remote", "list").stdout.splitlines() if ln.strip()]
+        for name in names:
+            dvc(clone, "remote", "remove", name)
+        if names:
+            sh(["git", "commit", "-qm", "no DVC remotes", ".dvc/config"], clone)
+
     def prepare_origin() -> None:  # what a promoting retrain run leaves there: the project, pushed
         registry.git(clone, "remote", "remove", "origin")
         sh(["git", "clone", "-q", "--bare", str(deployed), str(work / "shrinkflow.git")], work)
@@ -506,7 +513,7 @@ def test_the_commands_of_docs_production_md_run(deployed, prefect_stack, s3_endp
         "prefect deployment run 'retrain/nightly' --param significance=0.01 --watch": (deployed, None, ["finished successfully in 'Evaluated'"]),
         "prefect deployment schedule ls retrain/nightly": (deployed, None, ["0 2 * * *", "Resumed"]),
         "gto show shrinkflow": (deployed, None, ["shrinkflow@v0.0.", "# shrinkflow report", "min_compression_ratio"]),
-        "dvc remote add -d store ../shrinkflow-store && git commit -m \"DVC remote\" .dvc/config": (clone, None, []),
+        "dvc remote add -d store ../shrinkflow-store && git commit -m \"DVC remote\" .dvc/config": (clone, no_remotes, []),
         "dvc remote add -d s3 s3://my-bucket/shrinkflow": (clone, None, []),
         "git remote add origin ../shrinkflow.git": (clone, prepare_origin, []),
         "git clone ../shrinkflow.git fresh && cd fresh && dvc pull --run-cache && dvc repro": (clone, None, ["didn't change"]),
