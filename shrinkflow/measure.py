@@ -19,7 +19,7 @@ from torch.utils import benchmark
 
 from schemas.outputs import ModelFile
 from shrinkflow.artifacts import ModelHeader, to_float
-from shrinkflow.models import count_params
+from shrinkflow.models import count_params, forward_with_hooks
 
 
 def model_file(path: Path, model: nn.Module, header: ModelHeader, root: Path) -> ModelFile:
@@ -71,13 +71,7 @@ def recurrent_macs(model: nn.Module, example: torch.Tensor) -> dict[nn.Module, i
         x = inputs[0]
         steps[mod] = int(x.shape[1] if mod.batch_first and x.dim() == 3 else x.shape[0])
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, RECURRENT)]
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for h in handles:
-            h.remove()
+    forward_with_hooks(model, example, [m for m in model.modules() if isinstance(m, RECURRENT)], hook)
     out = {}
     for m, t in steps.items():
         per_step = sum(getattr(m, n).numel() for n in m._flat_weights_names if n.startswith("weight_"))

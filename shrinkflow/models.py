@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -347,3 +347,17 @@ def count_params(model: nn.Module) -> tuple[int, int]:
         total += p.numel()
         nonzero += int(torch.count_nonzero(p.detach()))
     return total, nonzero
+
+
+def forward_with_hooks(
+    model: nn.Module, x: torch.Tensor, modules: Iterable[nn.Module], hook: Callable[..., Any], *, pre: bool = False
+) -> torch.Tensor:
+    """``model(x)`` without gradients, with ``hook`` on each of ``modules`` for that one call: a forward
+    hook ``hook(module, inputs, output)``, or with ``pre`` a forward pre-hook ``hook(module, inputs)``."""
+    handles = [m.register_forward_pre_hook(hook) if pre else m.register_forward_hook(hook) for m in modules]
+    try:
+        with torch.no_grad():
+            return model(x)
+    finally:
+        for h in handles:
+            h.remove()

@@ -33,6 +33,7 @@ from torch import nn
 
 from shrinkflow.artifacts import ModelHeader
 from shrinkflow.masks import WEIGHTED
+from shrinkflow.models import forward_with_hooks
 from shrinkflow.pruning.structured import KIND, attention_heads, dependency_graph, example_input, output_layers
 
 log = logging.getLogger("shrinkflow")
@@ -68,16 +69,8 @@ def _slices(w: torch.Tensor, idxs: torch.Tensor, dim: int) -> torch.Tensor:
 def _inputs(model: nn.Module, probe: torch.Tensor) -> dict[nn.Module, torch.Tensor]:
     """What every Linear/Conv layer receives on ``probe``."""
     seen: dict[nn.Module, torch.Tensor] = {}
-    hooks = [
-        m.register_forward_pre_hook(lambda mod, args: seen.__setitem__(mod, args[0].detach()))
-        for m in model.modules() if isinstance(m, WEIGHTED)
-    ]
-    try:
-        with torch.no_grad():
-            model(probe)
-    finally:
-        for h in hooks:
-            h.remove()
+    weighted = [m for m in model.modules() if isinstance(m, WEIGHTED)]
+    forward_with_hooks(model, probe, weighted, lambda mod, args: seen.__setitem__(mod, args[0].detach()), pre=True)
     return seen
 
 

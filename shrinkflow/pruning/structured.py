@@ -33,6 +33,7 @@ from schemas.prune import StructuredPrune
 from shrinkflow.artifacts import ModelHeader, Transform, register_transform
 from shrinkflow.errors import ParamsError
 from shrinkflow.masks import RECURRENT, WEIGHTED
+from shrinkflow.models import forward_with_hooks
 from shrinkflow.pruning.magnitude import check_patterns
 
 #: The header transform, named after the method.
@@ -49,13 +50,8 @@ def example_input(input_shape: list[int]) -> torch.Tensor:
 def output_layers(model: nn.Module, example: torch.Tensor) -> list[nn.Module]:
     """The Linear/Conv layer run last: its outputs are the model's, so it must keep its size."""
     order: list[nn.Module] = []
-    hooks = [m.register_forward_hook(lambda mod, i, o: order.append(mod)) for m in model.modules() if isinstance(m, WEIGHTED)]
-    try:
-        with torch.no_grad():
-            model.eval()(example)
-    finally:
-        for h in hooks:
-            h.remove()
+    weighted = [m for m in model.modules() if isinstance(m, WEIGHTED)]
+    forward_with_hooks(model.eval(), example, weighted, lambda mod, i, o: order.append(mod))
     return order[-1:]
 
 
