@@ -14,7 +14,7 @@ whole-file size ratio against the teacher's fp32 file, and the accuracy drop in
 percentage points, each measured from the file on disk. A method that refuses
 says so before training; its exact message goes into the document.
 
-Cells: prune magnitude / random / structured (the pruned file), quantize dynamic /
+Cells: prune magnitude / random / structured / variational (the pruned file), quantize dynamic /
 static / qat / kmeans on the teacher (the quantized file), distill a new student
 of the same family at half width (teacher's budget), distill the compressed model
 (structured + the family's quantizer: the packed .sfz student), and ONNX export of
@@ -46,6 +46,9 @@ CELLS: dict[str, tuple[str, list[str], str]] = {
     "magnitude": ("prune magnitude 80 %", ["prune={method: magnitude, sparsity: 0.8}"], "pruned"),
     "random": ("prune random 50 %", ["prune={method: random, sparsity: 0.5}"], "pruned"),
     "structured": ("prune structured 50 %", ["prune={method: structured, sparsity: 0.5}"], "pruned"),
+    "variational": ("prune variational (10 epochs)",
+                    ["prune={method: variational, finetune: {epochs: 10, batch_size: 100, optimizer: {name: adam, lr: 0.003}}}"],
+                    "pruned"),
     "dynamic": ("dynamic int8", ["prune.enabled=false", "quantize={method: dynamic}"], "quantized"),
     "static": ("static int8", ["prune.enabled=false", "quantize={method: static}"], "quantized"),
     "qat": ("QAT int8", ["prune.enabled=false", "quantize={method: qat}"], "quantized"),
@@ -78,7 +81,7 @@ def _params(root: Path, family: str, base: list[str], cell: list[str]) -> Any:
     return load_params(preset, [*base, *COMMON, *cell], root=root)
 
 
-def run_family(family: str, base: list[str], tmp: Path) -> dict[str, Any]:
+def run_family(family: str, base: list[str], tmp: Path, only: list[str]) -> dict[str, Any]:
     from tasks.run import run_stage
 
     root = _project(tmp / family)
@@ -90,6 +93,8 @@ def run_family(family: str, base: list[str], tmp: Path) -> dict[str, Any]:
     teacher_seconds = time.perf_counter() - t0
     cells: dict[str, Any] = {}
     for name, (_, overrides, variant) in CELLS.items():
+        if name not in only:
+            continue
         extra = list(overrides)
         if name == "distill-new":  # the teacher's budget, a new student's default (the preset pins the recovery's)
             tt = params.train_teacher
@@ -213,6 +218,8 @@ def main() -> None:
     ap.add_argument("--train-limit", type=int, default=10000, help="MNIST training images (with --mnist)")
     ap.add_argument("--doc", type=Path, default=ROOT / "docs" / "models.md")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "models_matrix.json")
+    ap.add_argument("--cells", nargs="+", default=list(CELLS), choices=list(CELLS),
+                    help="run only these cells and merge them into the results already in --out")
     ap.add_argument("--render", type=Path, default=None, help="only write --doc from this results JSON (no run)")
     args = ap.parse_args()
     if args.render:
@@ -228,12 +235,24 @@ def main() -> None:
     else:
         base = DIGITS
         data = "sklearn digits (1×8×8, 1,257 training images), each family's preset with a digits-sized budget (teacher 30 epochs, fine-tuning and distillation 3)"
+    partial = set(args.cells) != set(CELLS)  # the other cells stay as measured before (--out)
+    saved = json.loads(args.out.read_text()) if partial else None
+    if partial and saved["data"] != data:
+        raise SystemExit(f"--cells: {args.out} was measured on other data; rerun every cell")
     results = []
     with tempfile.TemporaryDirectory(prefix="matrix-") as tmp:
         for family in args.families:
             print(f"{family} ...", flush=True)
             extra = ["train_teacher.model.patch=null"] if family == "transformer" and not args.mnist else []
-            results.append(run_family(family, [*base, *extra], Path(tmp)))
+            results.append(run_family(family, [*base, *extra], Path(tmp), args.cells))
+    if partial:
+        before = {r["family"]: r for r in saved["results"]}
+        for r in results:
+            old = before.get(r["family"], {"cells": {}})
+            r["cells"] = {k: r["cells"][k] if k in r["cells"] else old["cells"][k]
+                          for k in [*CELLS, "onnx"] if k in r["cells"] or k in old["cells"]}
+        results += [r for f, r in before.items() if f not in args.families]
+        results.sort(key=lambda r: FAMILIES.index(r["family"]) if r["family"] in FAMILIES else len(FAMILIES))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"data": data, "host": {"torch": torch.__version__}, "results": results}, indent=1) + "\n")
     args.doc.write_text(render(results, data))

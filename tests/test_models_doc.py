@@ -13,7 +13,7 @@ import re
 import pytest
 import torch
 
-from schemas.prune import MagnitudePrune, RandomPrune, StructuredPrune
+from schemas.prune import MagnitudePrune, RandomPrune, StructuredPrune, VariationalPrune
 from schemas.quantize import DynamicQuant, KMeansQuant, QATQuant, StaticQuant
 from shrinkflow.artifacts import ModelHeader
 from shrinkflow.compat import prune_refusal, quantize_refusal
@@ -26,7 +26,8 @@ TINY = {
     "gru": {"arch": "gru", "hidden": 8},
     "transformer": {"arch": "transformer", "dim": 8, "heads": 2, "mlp": 16},
 }
-PRUNE = {"magnitude": MagnitudePrune(), "random": RandomPrune(method="random"), "structured": StructuredPrune(method="structured")}
+PRUNE = {"magnitude": MagnitudePrune(), "random": RandomPrune(method="random"), "structured": StructuredPrune(method="structured"),
+         "variational": VariationalPrune(method="variational")}
 QUANTIZE = {"dynamic": DynamicQuant(), "static": StaticQuant(), "qat": QATQuant(), "kmeans": KMeansQuant()}
 
 
