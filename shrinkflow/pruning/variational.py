@@ -17,7 +17,8 @@ is clipped to [−10, 10] as in the authors' PyTorch notebook.
 
 At the end the weights with ``log α ≥ threshold`` (3: dropout rate above 95 %)
 become exact zeros, ``log σ²`` is dropped and each layer is an ordinary
-``nn.Linear``/``nn.Conv*`` again: the result is a masked model like magnitude
+``nn.Linear``/``nn.Conv*`` again; BatchNorm statistics are recomputed for the
+deterministic weights (training gathered them on noisy pre-activations): the result is a masked model like magnitude
 pruning's, which every later stage (kmeans, dynamic, static, distill, pack, ONNX)
 handles.
 
@@ -38,6 +39,7 @@ from fnmatch import fnmatchcase
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.swa_utils import update_bn
 
 from schemas.prune import VariationalPrune
 from shrinkflow.artifacts import ModelHeader
@@ -160,6 +162,11 @@ def prune_variational(model: nn.Module, header: ModelHeader, params: Variational
     finetune = dataclasses.replace(env, on_epoch=on_epoch).finetuner(ft, "prune.finetune", penalty)
     finetune(model, ft.epochs, after_step)
     removed = sum(finalize(m) for m in layers.values())
+    # BatchNorm's running statistics were gathered on the noisy pre-activations of training (local
+    # reparameterization); the deterministic model needs its own: one pass over the training split
+    # (torch's helper for the same problem after weight averaging; it does nothing without BatchNorm).
+    X_train = splits.tensors("train")[0]
+    update_bn((X_train[i : i + ft.batch_size] for i in range(0, len(X_train), ft.batch_size)), model, device=env.device)
     total = sum(m.weight.numel() for m in layers.values())
     log.info("prune variational: removed %d of %d weights (%.1f×)", removed, total, total / max(1, total - removed))
     return model.eval(), header.model_copy(update={"masked": True, "storage": SPARSE})
