@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/frontier.py --mnist PATH/TO/mnist                       # both nets, every config, seeds 0 1 2
     .venv/bin/python bench/frontier.py --mnist PATH/TO/mnist --nets lenet300 --configs vd-auto --seeds 0
+    .venv/bin/python bench/frontier.py --merge A.json B.json              # join runs made side by side, print, plot
 
 Runs presets through the stage entry point every front door calls
 (``tasks.run.run_stage``, what ``dvc repro`` and ``shrinkflow run`` execute), once
@@ -169,6 +170,14 @@ def table(rows: list[dict]) -> str:
                 f"{statistics.mean(ratios):.1f}× ({min(ratios):.1f}–{max(ratios):.1f}) | {errors} | "
                 f"{statistics.mean(deltas):+.2f} ({min(deltas):+.2f}…{max(deltas):+.2f}) | {bits} |"
             )
+        sections = list(dict.fromkeys(k for r in rows if r["net"] == net for k, v in r["breakdown"].items() if v))
+        lines += [f"\n{net}: bytes per section of the packed file (mean over seeds)\n",
+                  "| config | " + " | ".join(sections) + " | total |", "|---|" + "---|" * (len(sections) + 1)]
+        for config in CONFIGS:
+            rs = [r for r in rows if r["net"] == net and r["config"] == config]
+            if rs:
+                lines.append(f"| {LABELS[config]} | " + " | ".join(f"{statistics.mean(r['breakdown'][k] for r in rs):,.0f}" for k in sections)
+                             + f" | {statistics.mean(r['student_bytes'] for r in rs):,.0f} |")
     return "\n".join(lines)
 
 
@@ -182,13 +191,13 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(nets), figsize=(6 * len(nets), 4.5), squeeze=False)
     markers = {"dc": "s", "dc-auto": "D", "vd": "o", "vd-auto": "*"}
     for ax, net in zip(axes[0], nets, strict=True):
-        for config in CONFIGS:
+        for i, config in enumerate(CONFIGS):
             rs = [r for r in rows if r["net"] == net and r["config"] == config]
             if not rs:
                 continue
-            ax.scatter([r["ratio"] for r in rs], [r["delta_pp"] for r in rs], marker=markers[config], s=60, alpha=0.35)
+            ax.scatter([r["ratio"] for r in rs], [r["delta_pp"] for r in rs], marker=markers[config], s=60, alpha=0.35, color=f"C{i}")
             ax.scatter([statistics.mean(r["ratio"] for r in rs)], [statistics.mean(r["delta_pp"] for r in rs)],
-                       marker=markers[config], s=120, label=LABELS[config], edgecolors="black")
+                       marker=markers[config], s=120, label=LABELS[config], edgecolors="black", color=f"C{i}")
         ax.axhline(0.1, color="red", linestyle="--", linewidth=1, label="+0.1 pp")
         ax.axvline(TARGETS[net], color="gray", linestyle=":", linewidth=1, label=f"{TARGETS[net]:.0f}× target")
         ax.set_xscale("log")
@@ -217,7 +226,7 @@ def plot_curves(rows: list[dict], path: Path) -> None:
         a1.plot(ep, [100 * c.get("val_metric", float("nan")) for c in r["curve"]], marker="o", label=label)
         a2.plot(ep, [100 * c.get("sparsity", float("nan")) for c in r["curve"]], marker="o", label=label)
     a1.set_xlabel("epoch of variational training")
-    a1.set_ylabel("validation accuracy % (deterministic, weights above the threshold removed)")
+    a1.set_ylabel("validation accuracy % (deterministic)")
     a2.set_xlabel("epoch of variational training")
     a2.set_ylabel("weights above log α 3 (%)")
     a1.legend(fontsize="x-small")
@@ -228,14 +237,26 @@ def plot_curves(rows: list[dict], path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--mnist", type=Path, required=True, help="Folder with the four MNIST IDX .gz files.")
+    ap.add_argument("--mnist", type=Path, help="Folder with the four MNIST IDX .gz files (required unless --merge).")
     ap.add_argument("--nets", nargs="+", default=list(MAX), choices=list(MAX))
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--out", type=Path, default=RESULTS / "frontier.json")
     ap.add_argument("--append", action="store_true", help="Keep the runs already in --out (others' nets/configs/seeds).")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for training (1: steady on a shared CPU).")
+    ap.add_argument("--merge", type=Path, nargs="+", default=None,
+                    help="No run: join these results files (e.g. one per net, run side by side) into --out, then print and plot.")
     args = ap.parse_args()
+    if args.merge:
+        parts = [json.loads(f.read_text()) for f in args.merge]
+        rows = [r for part in parts for r in part["runs"]]
+        args.out.write_text(json.dumps({"hosts": [part.get("host") or part.get("hosts") for part in parts], "runs": rows}, indent=1))
+        print(table(rows))
+        plot(rows, args.out.with_suffix(".png"))
+        plot_curves(rows, args.out.with_name(args.out.stem + "_curves.png"))
+        return
+    if args.mnist is None:
+        ap.error("--mnist is required (the folder with the four MNIST IDX .gz files)")
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     rows: list[dict] = []
