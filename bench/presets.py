@@ -20,8 +20,10 @@ import argparse
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -163,6 +165,12 @@ def parser(doc: str, results: str, seeds: list[int] | None = None) -> argparse.A
     return ap
 
 
+def scrub(text: str) -> str:
+    """Results name no folder of the machine that made them: the data path and temporary folders become placeholders."""
+    text = re.sub(r"data\.path=[^\"\s']+", "data.path=MNIST_DIR", text)
+    return re.sub(re.escape(tempfile.gettempdir().rstrip("/")) + r"/[^/\"\s']+", "TMP", text)
+
+
 def write_results(path: Path, payload: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2) + "\n")
+    path.write_text(scrub(json.dumps(payload, indent=2)) + "\n")
