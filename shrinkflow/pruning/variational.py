@@ -18,9 +18,9 @@ is clipped to [−10, 10] as in the authors' PyTorch notebook.
 At the end the weights with ``log α ≥ threshold`` (3: dropout rate above 95 %)
 become exact zeros, ``log σ²`` is dropped and each layer is an ordinary
 ``nn.Linear``/``nn.Conv*`` again; BatchNorm statistics are recomputed for the
-deterministic weights (training gathered them on noisy pre-activations): the result is a masked model like magnitude
-pruning's, which every later stage (kmeans, dynamic, static, distill, pack, ONNX)
-handles.
+deterministic weights (training gathered them on noisy pre-activations). The result
+is a masked model like magnitude pruning's, which every later stage (kmeans,
+dynamic, static, distill, pack, ONNX) handles.
 
 Why our own: no maintained library implements it (the authors' code is a Lasagne/
 Theano repository and a course notebook); this follows that code
