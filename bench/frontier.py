@@ -49,6 +49,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from presets import write_results  # noqa: E402
+
 from schemas.paths import STAGES, StagePaths  # noqa: E402
 from shrinkflow.config import load_params  # noqa: E402
 from shrinkflow.measure import cpu_model  # noqa: E402
@@ -250,7 +252,7 @@ def main() -> None:
     if args.merge:
         parts = [json.loads(f.read_text()) for f in args.merge]
         rows = [r for part in parts for r in part["runs"]]
-        args.out.write_text(json.dumps({"hosts": [part.get("host") or part.get("hosts") for part in parts], "runs": rows}, indent=1))
+        write_results(args.out, {"hosts": [part.get("host") or part.get("hosts") for part in parts], "runs": rows})
         print(table(rows))
         plot(rows, args.out.with_suffix(".png"))
         plot_curves(rows, args.out.with_name(args.out.stem + "_curves.png"))
@@ -270,8 +272,7 @@ def main() -> None:
     }
 
     def save() -> None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"host": host, "runs": rows}, indent=1))
+        write_results(args.out, {"host": host, "runs": rows})
 
     for net in args.nets:
         for seed in args.seeds:

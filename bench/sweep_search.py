@@ -46,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from presets import write_results  # noqa: E402
 from sweep_throughput import fresh_project  # noqa: E402
 
 from shrinkflow.measure import cpu_model  # noqa: E402
@@ -111,8 +112,7 @@ def run_sweep(base: Path, tmp: Path, name: str, sweep: dict, workers: int, src: 
 
 def save(args, host: dict, results: dict) -> None:
     """Write what is measured so far (a long bench interrupted keeps its finished sweeps)."""
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"host": host, **results}, indent=2) + "\n")
+    write_results(args.out, {"host": host, **results})
 
 
 def quality(args, base: Path, tmp: Path, keep) -> dict:
@@ -176,7 +176,7 @@ def main() -> None:
     import torch
 
     host = {"cpu": cpu_model(), "cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
-            "overrides": [o if not o.startswith("data.path=") else "data.path=MNIST_DIR" for o in overrides],
+            "overrides": overrides,
             "space": SPACE, "early_space": EARLY_SPACE, "criterion": CRITERION, "trials": args.trials,
             "seconds": args.seconds, "workers": args.workers}
     results: dict = {}

@@ -44,6 +44,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from presets import write_results  # noqa: E402
+
 from flows.ops.trials import project_files  # noqa: E402
 from shrinkflow.measure import cpu_model  # noqa: E402
 
@@ -195,11 +197,9 @@ def main() -> None:
         "cpu": cpu_model(), "cpus": cpus, "torch": torch.__version__, "python": platform.python_version(),
         "data": "mnist" if args.mnist else "digits",
         "cluster": "LocalCluster" if args.local else "external",
-        # the MNIST folder is a local path: recorded as MNIST_DIR
-        "overrides": [o if not o.startswith("data.path=") else "data.path=MNIST_DIR" for o in overrides],
+        "overrides": overrides,  # write_results records the MNIST folder as MNIST_DIR
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"host": host, "results": results, "figures": figures}, indent=2) + "\n")
+    write_results(args.out, {"host": host, "results": results, "figures": figures})
     print(f"\nHost: {host['cpu']}, {cpus} CPUs, torch {host['torch']}; data {host['data']}; {args.trials} trials per sweep\n")
     print("| config | workers | threads/trial | reuse teacher | sweep s | with start-up s | trials/min | mean trial s | load before→after |")
     print("|---|---|---|---|---|---|---|---|---|")
