@@ -167,7 +167,8 @@ def parser(doc: str, results: str, seeds: list[int] | None = None) -> argparse.A
 
 def scrub(text: str) -> str:
     """Results name no folder of the machine that made them: the data path and temporary folders become placeholders."""
-    text = re.sub(r"data\.path=/[^\"\s']+", "data.path=MNIST_DIR", text)  # absolute paths only: placeholders stay
+    # absolute paths only (placeholders stay), bare or JSON-quoted as sweep overrides write them (data.path=\"/...\")
+    text = re.sub(r'data\.path=(\\")?/[^"\s\'\\]+(\\")?', "data.path=MNIST_DIR", text)
     return re.sub(re.escape(tempfile.gettempdir().rstrip("/")) + r"/[^/\"\s']+", "TMP", text)
 
 

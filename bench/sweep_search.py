@@ -9,8 +9,10 @@
 
 - ``optuna-auto``: ``search.mode: auto`` of this checkout (Optuna TPE, the criterion as a constraint);
 - ``old-auto``: ``search.mode: auto`` of the hand-written searcher it replaced, run from
-  ``--baseline-src``, a checkout of that version (``git worktree add DIR 46f5969``); its
-  stages are the same code, only the sweep runner differs;
+  ``--baseline-src``, a checkout of that version (``git worktree add DIR 46f5969``), on a
+  project made of that version's pipeline (its dvc.yaml, params and stage code: the
+  current dvc.yaml declares outputs its stages do not write) with the same data and
+  settings, and a teacher of its own;
 - ``random``: ``search.mode: random`` (Optuna's RandomSampler), ``trials`` = the budget;
 
 each over the search seeds. Reported: the chosen model's size (bytes of its file), its
@@ -60,10 +62,13 @@ FIXED = {"evaluate.batch_sizes": [1], "evaluate.min_run_time": 0.05}
 CRITERION = {"max_drop": 0.01}
 
 
-def base_project(tmp: Path, overrides: list[str]) -> Path:
-    """A project with data and teacher in its DVC cache (what every sweep copy starts from)."""
-    proj = fresh_project(tmp / "base", overrides)
-    subprocess.run([sys.executable, "-m", "dvc", "repro", "train_teacher"], cwd=proj, check=True, capture_output=True)
+def base_project(tmp: Path, overrides: list[str], src: Path | None = None) -> Path:
+    """A project with data and teacher in its DVC cache (what every sweep copy starts from), made of the
+    pipeline (dvc.yaml, params, stage code) of the checkout at ``src`` (default: this one): another
+    version's runner needs its own stages, whose outputs its dvc.yaml declares."""
+    proj = fresh_project(tmp / ("base" if src is None else "base-baseline"), overrides, src or ROOT)
+    env = dict(os.environ, PYTHONPATH=str(src or ROOT))
+    subprocess.run([sys.executable, "-m", "dvc", "repro", "train_teacher"], cwd=proj, check=True, capture_output=True, env=env)
     return proj
 
 
@@ -115,22 +120,26 @@ def save(args, host: dict, results: dict) -> None:
     write_results(args.out, {"host": host, **results})
 
 
-def quality(args, base: Path, tmp: Path, keep) -> dict:
+def quality(args, base: Path, tmp: Path, keep, overrides: list[str]) -> dict:
     budget = {"trials": args.trials, "seconds": args.seconds}
     common = {"set": FIXED, "space": SPACE, "criterion": CRITERION, "objective": "size", "budget": budget}
     runs = []
+    bases: dict[Path, Path] = {}  # baseline checkout -> its base project
     for seed in args.seeds:
         configs = [
             ("optuna-auto", {"search": {"mode": "auto", "seed": seed}}, None),
             ("random", {"search": {"mode": "random", "trials": args.trials, "seed": seed}}, None),
         ]
         if args.baseline_src:
-            configs.insert(1, ("old-auto", {"search": {"mode": "auto", "seed": seed}}, args.baseline_src))
+            configs.insert(1, ("old-auto", {"search": {"mode": "auto", "seed": seed}}, args.baseline_src.resolve()))
         for method, search, src in configs:
             if args.methods and method not in args.methods:
                 continue
+            if src is not None and src not in bases:
+                print("training the baseline version's teacher ...", flush=True)
+                bases[src] = base_project(tmp, overrides, src)
             print(f"quality: {method} seed {seed} ...", flush=True)
-            r = run_sweep(base, tmp, f"{method}-s{seed}", {**common, **search}, args.workers, src)
+            r = run_sweep(bases.get(src, base), tmp, f"{method}-s{seed}", {**common, **search}, args.workers, src)
             runs.append({"method": method, "seed": seed, **r})
             keep({"runs": runs})
             print(f"  chosen {r['chosen_size_bytes']} bytes ({r['chosen_point']}), {r['passed']}/{r['trials']} passed, "
@@ -194,7 +203,7 @@ def main() -> None:
         if args.part in ("early", "both"):
             results["early"] = early(args, base, tmp, keeper("early"))
         if args.part in ("quality", "both"):
-            results["quality"] = quality(args, base, tmp, keeper("quality"))
+            results["quality"] = quality(args, base, tmp, keeper("quality"), overrides)
     save(args, host, results)
     print(f"\nHost: {host['cpu']}, {host['cpus']} CPUs, torch {host['torch']}")
     if "quality" in results:

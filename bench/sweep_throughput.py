@@ -54,14 +54,15 @@ SPARSITIES = [0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99]
 
 
 
-def fresh_project(dest: Path, overrides: list[str]) -> Path:
-    """A copy of this project's pipeline in a new git + DVC repo (its own, empty cache)."""
+def fresh_project(dest: Path, overrides: list[str], src: Path = ROOT) -> Path:
+    """A copy of the pipeline of the checkout at ``src`` (default: this one) in a new git + DVC repo (its own,
+    empty cache)."""
     from shrinkflow.config import apply_to_params_file
 
-    for rel in project_files(ROOT):
+    for rel in project_files(src):
         if rel.parts[0] in ("shrinkflow", "tasks", "schemas", "flows") or rel.as_posix() in ("dvc.yaml", "params.yaml", ".gitignore", "data/raw/README.md"):
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / rel, dest / rel)
+            shutil.copy2(src / rel, dest / rel)
     (dest / "data" / "raw").mkdir(parents=True, exist_ok=True)
     with (dest / ".gitignore").open("a") as f:
         f.write("\n/data/prepared/\n/models/\n/reports/\n/sweeps/\n__pycache__/\n")
